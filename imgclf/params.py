@@ -1,0 +1,159 @@
+"""The one params schema shared by every stage.
+
+``params.yaml`` is validated as a whole before a stage touches any data: an unknown key (a
+typo in ``dvc exp run -S trian.lr=...`` silently *adds* a key), a wrong type or an
+out-of-range value stops the stage with one message naming the key, the value and what is
+allowed. Each stage then reads only its own sections, and ``dvc.yaml`` declares exactly
+those keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .files import PipelineError
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+class ParamsError(PipelineError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    dataset: Literal["cifar10", "imagefolder"] = "cifar10"
+    # http(s):// or file:// URL, or a local path (file, or folder for `imagefolder`).
+    url: str = OFFICIAL_URL
+    # Expected md5 of the fetched archive; "" skips the check (e.g. a folder source).
+    md5: str = OFFICIAL_MD5
+    timeout: float = Field(30.0, gt=0, le=600)  # seconds per network operation
+    image_size: int = Field(32, ge=8, le=1024)  # pixels, square
+    bad_images: Literal["fail", "skip"] = "fail"
+
+    @field_validator("md5")
+    @classmethod
+    def _md5_hex(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v and (len(v) != 32 or any(c not in "0123456789abcdef" for c in v)):
+            raise ValueError("must be 32 hex digits, or '' to skip the check")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be an http(s):// or file:// URL or a local path")
+        return v.strip()
+
+
+class PreprocessParams(_Section):
+    sample_images: int = Field(64, ge=0, le=1024)  # images in the TensorBoard grid
+    workers: int = Field(0, ge=0, le=256)  # image-decoding threads; 0 = one per core
+
+
+class ModelParams(_Section):
+    arch: Literal["seed_cnn", "seed_cnn_bn", "vgg16", "resnet_fast"] = "seed_cnn_bn"
+    pretrained: bool = False  # vgg16 only: ImageNet weights (needs a download)
+    width: int = Field(64, ge=8, le=1024)  # resnet_fast only: channels of the first block
+
+
+class AugmentParams(_Section):
+    crop_padding: int = Field(4, ge=0, le=64)  # pixels of reflect padding before a random crop
+    flip: bool = True  # random horizontal flip
+
+
+class TrainParams(_Section):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = True  # sgd only
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
+    warmup_epochs: float = Field(1.0, ge=0)  # cosine/linear only
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: AugmentParams = AugmentParams()
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    device: str = "auto"  # auto = CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False  # torch.compile; pays off on GPU for long runs
+    threads: int = Field(0, ge=0, le=1024)  # CPU threads; 0 = one per physical core
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda", "mps") or (
+            v.startswith("cuda:") and v[5:].isdigit()
+        )
+        if not ok:
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(1000, ge=1, le=65_536)
+    tta_flip: bool = False  # average logits of the image and its mirror
+
+
+class ExportParams(_Section):
+    check_batch: int = Field(32, ge=1, le=4096)  # images used to prove the exports agree
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        parent = err["loc"][:-1]
+        model: type[BaseModel] = Params
+        for part in parent:
+            model = model.model_fields[part].annotation  # type: ignore[assignment]
+        allowed = ", ".join(model.model_fields)
+        where = ".".join(str(p) for p in parent) or "the top level"
+        return f"unknown key {key!r} (value {value!r}); the keys of {where} are: {allowed}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key} = {value!r}: {msg}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate the whole params file (every stage calls this first)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run stages from the project root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw, str(path))
