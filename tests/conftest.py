@@ -26,14 +26,14 @@ from imgclf.files import file_digest
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # What a project copy needs: the pipeline definition, the code, the DVC config.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "data/source/README.md", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "data/source/README.md", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 
 
 def make_split(n: int, seed: int, num_classes: int = 10, size: int = 32) -> Split:
-    """Learnable tiny images: each class has its own colour, plus noise."""
+    """Learnable tiny images: each class has its own colour (the same in every split), plus noise."""
+    base = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234)) * 200 + 20
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
-    base = torch.rand(num_classes, 3, 1, 1, generator=g) * 200 + 20
     noise = torch.randn(n, 3, size, size, generator=g) * 20
     images = (base[labels] + noise).clamp(0, 255).to(torch.uint8)
     return Split(images=images, labels=labels)

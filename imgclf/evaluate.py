@@ -1,0 +1,55 @@
+"""The evaluate stage's work: test accuracy, loss, per-class accuracy and the confusion data."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dataset import load_cache
+from .export import model_from_bundle, read_bundle
+from .files import atomic_path, write_json
+from .params import EvaluateParams
+from .train import predict_logits, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: EvaluateParams,
+             metrics_out: str | os.PathLike, predictions_out: str | os.PathLike) -> dict[str, Any]:
+    bundle = read_bundle(model_path)
+    model = model_from_bundle(bundle)
+    device = resolve_device("auto")
+    model.to(device)
+    test = load_cache(cache_dir, splits=("test",)).test
+    logits = predict_logits(model, test.images, batch_size=e.batch_size, device=device, tta_flip=e.tta_flip)
+    labels = test.labels
+    pred = logits.argmax(1)
+    classes = bundle["classes"]
+    per_class = {}
+    for i, name in enumerate(classes):
+        mask = labels == i
+        per_class[name] = round((pred[mask] == i).float().mean().item(), 6) if mask.any() else None
+    metrics = {
+        "test_acc": round((pred == labels).float().mean().item(), 6),
+        "test_loss": round(nn.functional.cross_entropy(logits, labels).item(), 6),
+        "num_test": len(labels),
+        "tta_flip": e.tta_flip,
+        "per_class_acc": per_class,
+    }
+    write_json(metrics_out, metrics)
+    # One row per test image, for DVC's confusion-matrix template (x: actual, y: predicted).
+    with atomic_path(predictions_out) as tmp:
+        with open(tmp, "w") as f:
+            f.write("actual,predicted\n")
+            for a, p in zip(labels.tolist(), pred.tolist()):
+                f.write(f"{classes[a]},{classes[p]}\n")
+    log.info("test accuracy %.4f, loss %.4f on %d images%s", metrics["test_acc"], metrics["test_loss"],
+             len(labels), " (flip TTA)" if e.tta_flip else "")
+    worst = sorted((v, k) for k, v in per_class.items() if v is not None)[:3]
+    log.info("weakest classes: %s", ", ".join(f"{k} {v:.3f}" for v, k in worst))
+    return metrics

@@ -1,0 +1,379 @@
+"""The training loop: cached uint8 tensors in, a trained model bundle and its curves out.
+
+The whole training split sits on the training device as one uint8 tensor. Each epoch it is
+permuted and augmented in one batched pass (see :func:`imgclf.transforms.augment`), and a
+batch is a slice of that tensor: no DataLoader, no per-sample Python, no per-batch
+host-to-device copy. Randomness per epoch comes from a generator seeded by (seed, epoch),
+so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import models
+from .dataset import Cache, load_cache, load_meta
+from .export import make_bundle
+from .files import PipelineError, atomic_path, file_digest, write_json
+from .params import ModelParams, TrainParams
+from .transforms import augment
+
+log = logging.getLogger(__name__)
+
+
+# --- Device, precision, threads -------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"train.device = {name!r}, but no CUDA device is available; use auto or cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PipelineError(f"train.device = {name!r}, but MPS is not available; use auto or cpu")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_supports_bf16() else None
+        return None
+    if precision == "fp16" and device.type == "cpu":
+        raise PipelineError("train.precision = 'fp16' is for GPUs; use bf16 or fp32 on CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def configure_threads(threads: int) -> int:
+    """Set intra-op threads (0 = one per core the process may use)."""
+    if threads == 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    # Denormal floats can slow x86 arithmetic by orders of magnitude late in training,
+    # when small gradients underflow; flushing them to zero costs no accuracy here.
+    torch.set_flush_denormal(True)
+    return torch.get_num_threads()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- Optimiser and schedule --------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, t: TrainParams) -> torch.optim.Optimizer:
+    # No weight decay on norm layers' scales and on biases: decaying them only fights BN.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
+    # Adam's weight_decay is L2 added to the gradient; AdamW's is decoupled (Loshchilov & Hutter).
+    cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=t.lr)
+
+
+def lr_factor(t: TrainParams, step: int, total: int, steps_per_epoch: int) -> float:
+    """Multiplier of train.lr at optimiser step ``step`` of ``total``."""
+    if t.schedule == "constant":
+        return 1.0
+    if t.schedule == "onecycle":
+        # Linear warm-up over the first 25% to the peak, then linear decay to zero: the
+        # shape of the fast CIFAR-10 schedules (a triangle, as in the DAWNBench ResNet-9).
+        peak = max(1, int(0.25 * total))
+        return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
+    warm = int(t.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    if t.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return max(0.0, 1 - progress)  # linear
+
+
+# --- Checkpoints ---------------------------------------------------------------------------
+
+
+def fingerprint(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: the params and the exact data."""
+    h = hashlib.sha256()
+    h.update(model_params.model_dump_json().encode())
+    h.update(t.model_dump_json().encode())
+    for name in sorted(p.name for p in cache_dir.iterdir() if p.is_file()):
+        h.update(name.encode())
+        h.update(file_digest(cache_dir / name).encode())
+    return h.hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- Evaluation ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device,
+                   amp: torch.dtype | None = None, channels_last: bool = False, tta_flip: bool = False) -> torch.Tensor:
+    """Logits (float32, on CPU) of a uint8 image tensor, batched."""
+    model.eval()
+    out = []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
+        with autocast(device, amp):
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+# --- Training ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainPaths:
+    cache_dir: Path
+    model_out: Path  # the trained model bundle (a DVC output)
+    metrics_out: Path  # final training metrics (JSON)
+    curve_out: Path  # per-epoch metrics for `dvc plots` (CSV)
+    checkpoint: Path  # resumable state, outside DVC's outputs
+    log_dir: Path | None  # TensorBoard
+
+
+CURVE_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "seconds"]
+
+
+def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(",".join(CURVE_COLUMNS) + "\n")
+            for r in rows:
+                f.write(",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
+
+
+def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[str, Any]:
+    """Train per params; resume from ``paths.checkpoint`` if it matches; return the metrics."""
+    device = resolve_device(t.device)
+    threads = configure_threads(t.threads)
+    amp = resolve_precision(t.precision, device)
+    cache = load_cache(paths.cache_dir)
+    n = len(cache.train)
+    if n == 0:
+        raise PipelineError(f"{paths.cache_dir}: the train split is empty")
+    # Drop the last incomplete batch (as DataLoader(drop_last=True)), unless it is the only one.
+    batch = min(t.batch_size, n)
+    steps_per_epoch = n // batch
+    total_steps = steps_per_epoch * t.epochs
+
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+    arch_args = models.arch_args(
+        model_params.arch, num_classes=len(cache.classes), image_size=cache.image_size,
+        pretrained=model_params.pretrained, width=model_params.width,
+    )
+    model = models.build(model_params.arch, arch_args, cache.mean, cache.std)
+    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    optimizer = make_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(t, s, total_steps, steps_per_epoch)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    step_fn = model
+    if t.compile:
+        step_fn = torch.compile(model)
+
+    fp = fingerprint(model_params, t, paths.cache_dir)
+    start_epoch, history = 0, []
+    if paths.checkpoint.exists():
+        ckpt = torch.load(paths.checkpoint, map_location=device, weights_only=False)
+        if ckpt.get("fingerprint") == fp:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+            log.info("resuming from %s: epoch %d of %d done", paths.checkpoint, start_epoch, t.epochs)
+        else:
+            log.info("ignoring %s: it was made with other params or data", paths.checkpoint)
+
+    x_train = cache.train.images.to(device)
+    y_train = cache.train.labels.to(device)
+    writer = _tensorboard(paths.log_dir)
+    if writer is not None:
+        for row in history:  # DVC cleared the log folder before a resumed run: replay it
+            _log_scalars(writer, row)
+        sample = x_train[:64]
+        writer.add_images("train/augmented samples", augment(
+            sample, crop_padding=t.augment.crop_padding, flip=t.augment.flip,
+            generator=torch.Generator(device).manual_seed(t.seed)).cpu(), 0, dataformats="NCHW")
+        graph_model = copy.deepcopy(model).float().cpu().eval()  # tracing must not touch BN stats
+        writer.add_graph(graph_model, cache.train.images[:2].clone())
+
+    log.info(
+        "training %s (%d parameters) on %s, %s, %d threads, %d images, batch %d, %d steps/epoch",
+        model_params.arch, sum(p.numel() for p in model.parameters()), device,
+        "fp32" if amp is None else f"autocast {str(amp).removeprefix('torch.')}", threads, n, batch, steps_per_epoch,
+    )
+    show_bar = sys.stderr.isatty()
+    losses = torch.zeros(steps_per_epoch, device=device)
+    correct = torch.zeros(steps_per_epoch, device=device)
+    for epoch in range(start_epoch, t.epochs):
+        t0 = time.perf_counter()
+        gen = torch.Generator(device).manual_seed(t.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=gen, device=device)[: steps_per_epoch * batch]
+        xs = augment(x_train[perm], crop_padding=t.augment.crop_padding, flip=t.augment.flip, generator=gen)
+        ys = y_train[perm]
+        model.train()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show_bar)
+        for i in bar:
+            x = xs[i * batch : (i + 1) * batch].contiguous(memory_format=fmt)
+            y = ys[i * batch : (i + 1) * batch]
+            with autocast(device, amp):
+                logits = step_fn(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses[i] = loss.detach()
+            correct[i] = (logits.argmax(1) == y).sum()
+            # Check finiteness periodically: every check is a device sync on a GPU.
+            if device.type == "cpu" or i % 50 == 49 or i == steps_per_epoch - 1:
+                _check_finite(losses[: i + 1], epoch)
+        seconds_train = time.perf_counter() - t0
+        test_logits = predict_logits(model, cache.test.images, batch_size=1000, device=device, amp=amp, channels_last=t.channels_last)
+        test_loss = nn.functional.cross_entropy(test_logits, cache.test.labels).item()
+        test_acc = (test_logits.argmax(1) == cache.test.labels).float().mean().item()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": losses.mean().item(),
+            "train_acc": correct.sum().item() / (steps_per_epoch * batch),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": steps_per_epoch * batch / seconds_train,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.4g  %.0f img/s  %.1f s",
+            row["epoch"], t.epochs, row["train_loss"], row["train_acc"], test_loss, test_acc,
+            row["lr"], row["images_per_s"], row["seconds"],
+        )
+        if writer is not None:
+            _log_scalars(writer, row)
+            writer.flush()
+        _write_curve(paths.curve_out, history)
+        with atomic_path(paths.checkpoint) as tmp:
+            torch.save({
+                "fingerprint": fp, "epoch": epoch, "history": history, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": _rng_state(),
+            }, tmp)
+    if writer is not None:
+        writer.close()
+
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    bundle = make_bundle(model, arch=model_params.arch, arch_args=arch_args, classes=cache.classes,
+                         mean=cache.mean, std=cache.std, image_size=cache.image_size)
+    bundle["training"] = {"epochs": t.epochs, "device": str(device), "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
+    with atomic_path(paths.model_out) as tmp:
+        torch.save(bundle, tmp)
+    last = history[-1]
+    metrics = {
+        "train_loss": round(last["train_loss"], 6),
+        "train_acc": round(last["train_acc"], 6),
+        "test_acc": round(last["test_acc"], 6),
+        "epochs": t.epochs,
+        "train_seconds": round(sum(r["seconds"] for r in history), 2),
+        "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
+    }
+    write_json(paths.metrics_out, metrics)
+    paths.checkpoint.unlink(missing_ok=True)  # the run is complete: its outputs are the record
+    return metrics
+
+
+def _check_finite(losses: torch.Tensor, epoch: int) -> None:
+    bad = ~torch.isfinite(losses)
+    if bool(bad.any()):
+        step = int(bad.nonzero()[0, 0])
+        raise PipelineError(
+            f"training diverged: non-finite loss ({losses[step].item()}) at epoch {epoch + 1}, "
+            f"step {step + 1}; nothing was written downstream. Lower train.lr, or use "
+            "seed_cnn_bn (batch norm) or a warm-up schedule"
+        )
+
+
+def _tensorboard(log_dir: Path | None):
+    if log_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _log_scalars(writer, row: dict[str, float]) -> None:
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        split, name = k.split("_")
+        writer.add_scalar(f"{name}/{split}", row[k], row["epoch"])
+    writer.add_scalar("perf/lr", row["lr"], row["epoch"])
+    writer.add_scalar("perf/images_per_s", row["images_per_s"], row["epoch"])

@@ -1,0 +1,15 @@
+"""Stage `evaluate`: test metrics, per-class accuracy and confusion-matrix data."""
+
+from imgclf import paths
+from imgclf.cli import run_stage
+from imgclf.evaluate import evaluate
+from imgclf.params import load_params
+
+
+def main() -> None:
+    params = load_params(paths.PARAMS)
+    evaluate(paths.TRAINED_MODEL, paths.PROCESSED_DIR, params.evaluate, paths.EVAL_METRICS, paths.PREDICTIONS)
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

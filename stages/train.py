@@ -1,0 +1,26 @@
+"""Stage `train`: train model.arch on the cached tensors; resumes from checkpoints/train.pt."""
+
+from imgclf import paths
+from imgclf.cli import run_stage
+from imgclf.params import load_params
+from imgclf.train import TrainPaths, train
+
+
+def main() -> None:
+    params = load_params(paths.PARAMS)
+    train(
+        params.model,
+        params.train,
+        TrainPaths(
+            cache_dir=paths.PROCESSED_DIR,
+            model_out=paths.TRAINED_MODEL,
+            metrics_out=paths.TRAIN_METRICS,
+            curve_out=paths.TRAIN_CURVE,
+            checkpoint=paths.TRAIN_CHECKPOINT,
+            log_dir=paths.LOGS_DIR / "train",
+        ),
+    )
+
+
+if __name__ == "__main__":
+    run_stage("train", main)

@@ -1,0 +1,171 @@
+"""The whole pipeline (train, evaluate, export) through real `dvc` commands on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from imgclf.export import load_state_dict_model, load_whole_model
+
+from conftest import run_env
+
+OUTPUTS = [
+    "data/raw/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
+    "data/processed/meta.json", "models/trained.pt", "models/model.pt", "models/model_state.pt",
+    "metrics/train.json", "metrics/train_curve.csv", "metrics/eval.json", "metrics/predictions.csv",
+    "metrics/export.json",
+]
+
+
+def test_full_repro_writes_every_declared_output(project):
+    proc = project.dvc("repro")
+    assert project.ran_stages(proc) == ["download", "preprocess", "train", "evaluate", "export"]
+    for rel in OUTPUTS:
+        assert (project.path / rel).is_file(), rel
+    assert any((project.path / "logs/train").glob("events.out.tfevents.*"))
+
+    ev = json.loads((project.path / "metrics/eval.json").read_text())
+    assert set(ev["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+    assert ev["test_acc"] > 0.3  # the tiny classes differ by colour: far above chance (0.1)
+    curve = (project.path / "metrics/train_curve.csv").read_text().splitlines()
+    assert curve[0].startswith("epoch,train_loss") and len(curve) == 1 + 2
+    assert len((project.path / "metrics/predictions.csv").read_text().splitlines()) == 1 + 50
+
+    # Nothing is written where DVC does not know: every new file is a declared output,
+    # DVC's own bookkeeping (dvc.lock, .gitignore entries, .dvc/), or git's.
+    declared = ("data/raw/", "data/processed/", "logs/preprocess/", "logs/train/", "models/", "metrics/")
+    new = project.git("ls-files", "--others").stdout.split()
+    stray = [f for f in new if not f.startswith(declared + (".dvc/",)) and f != "dvc.lock" and not f.endswith(".gitignore")]
+    assert stray == [], stray
+    metrics_files = {f for f in new if f.startswith("metrics/")}
+    assert metrics_files == {f for f in OUTPUTS if f.startswith("metrics/")}
+
+    # `dvc plots show` renders the curves and the confusion matrix.
+    plots = json.loads(project.dvc("plots", "show", "--json").stdout)["data"]
+    assert set(plots) == {"Loss", "Accuracy", "Confusion matrix"}
+    confusion = json.dumps(plots["Confusion matrix"])
+    assert '"actual": "airplane"' in confusion and '"predicted"' in confusion
+
+    # Nothing changed: nothing reruns.
+    assert project.ran_stages(project.dvc("repro")) == []
+
+
+def test_train_param_reruns_only_downstream(project):
+    project.dvc("repro")
+    project.set_params(train={"lr": 0.01})
+    assert project.ran_stages(project.dvc("repro")) == ["train", "evaluate", "export"]
+    project.set_params(evaluate={"tta_flip": True})
+    assert project.ran_stages(project.dvc("repro")) == ["evaluate"]
+    assert json.loads((project.path / "metrics/eval.json").read_text())["tta_flip"] is True
+
+
+def test_exports_give_identical_logits(project):
+    project.dvc("repro")
+    images = torch.load(project.path / "data/processed/test.pt", weights_only=True)["images"][:16]
+    state_model, bundle = load_state_dict_model(project.path / "models/model_state.pt")
+    whole = load_whole_model(project.path / "models/model.pt")
+    with torch.no_grad():
+        assert torch.equal(state_model(images), whole(images))
+    assert bundle["arch"] == project.params()["model"]["arch"]
+    assert bundle["classes"][0] == "airplane" and len(bundle["mean"]) == 3
+    report = json.loads((project.path / "metrics/export.json").read_text())
+    assert report["max_abs_diff_whole"] == 0 and report["max_abs_diff_state_dict"] == 0
+
+
+def test_experiments_show_their_own_params_and_metrics(project):
+    project.dvc("repro")
+    project.git("add", "-A")
+    project.git("commit", "-qm", "baseline")
+    project.dvc("exp", "run", "-n", "lr-small", "-S", "train.lr=0.005")
+    project.dvc("exp", "run", "-n", "lr-big", "-S", "train.lr=0.05")
+    rows = json.loads(project.dvc("exp", "show", "--json").stdout)
+    exps = {}
+    for row in rows:
+        for exp in row.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev["data"]
+                params = data["params"]["params.yaml"]["data"]
+                metrics = data["metrics"]["metrics/eval.json"]["data"]
+                exps[rev["name"]] = (params["train"]["lr"], metrics["test_acc"])
+    assert exps.keys() >= {"lr-small", "lr-big"}
+    assert exps["lr-small"][0] == 0.005 and exps["lr-big"][0] == 0.05
+    assert all(0 <= acc <= 1 for _, acc in exps.values())
+
+
+def test_push_and_pull_give_identical_models(project, tmp_path):
+    project.dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))
+    project.dvc("repro")
+    project.git("add", "-A")
+    project.git("commit", "-qm", "trained")
+    project.dvc("push")
+    clone = tmp_path / "clone"
+    project.run("git", "clone", "-q", str(project.path), str(clone))
+    subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=clone, env=run_env(), check=True, capture_output=True)
+    for rel in ["models/model.pt", "models/model_state.pt", "models/trained.pt", "data/processed/train.pt"]:
+        assert (clone / rel).read_bytes() == (project.path / rel).read_bytes(), rel
+    # The clone is up to date: pulling the outputs is as good as running the pipeline.
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=clone, env=run_env(), capture_output=True, text=True)
+    assert "up to date" in status.stdout.lower() or status.stdout.strip() == "", status.stdout
+
+
+def test_model_version_tag_with_gto(project):
+    project.dvc("repro")
+    project.git("add", "-A")
+    project.git("commit", "-qm", "trained")
+    gto = os.path.join(os.path.dirname(sys.executable), "gto")
+    project.run(gto, "register", "classifier", "--version", "v1.0.0")
+    assert "classifier@v1.0.0" in project.git("tag").stdout.split()
+    shown = project.run(gto, "show", "classifier").stdout
+    assert "v1.0.0" in shown
+
+
+def test_diverging_training_fails_clearly(project):
+    project.set_params(model={"arch": "seed_cnn"}, train={"lr": 50.0, "schedule": "constant", "weight_decay": 0.0})
+    proc = project.dvc("repro", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "non-finite loss" in out and "epoch 1, step" in out, out
+    assert "Traceback" not in out
+    assert not (project.path / "models/trained.pt").exists()
+    assert not (project.path / "models/model_state.pt").exists()
+
+
+def test_interrupted_training_resumes_to_the_same_result(project, tmp_path):
+    project.set_params(train={"epochs": 12})
+    project.dvc("repro", "preprocess")
+    # Interrupt like Ctrl-C as soon as the first checkpoint lands.
+    ckpt = project.path / "checkpoints/train.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project.path, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert ckpt.exists(), "training finished before it could be interrupted"
+    assert not (project.path / "metrics/train.json").exists()
+    done = torch.load(ckpt, weights_only=False)["epoch"] + 1
+    assert 1 <= done < 12
+
+    resumed = project.dvc("repro")
+    assert f"resuming from checkpoints/train.pt: epoch {done} of 12 done" in resumed.stdout + resumed.stderr
+    assert not ckpt.exists()
+    resumed_metrics = (project.path / "metrics/train.json").read_text()
+    resumed_curve = (project.path / "metrics/train_curve.csv").read_text()
+
+    project.dvc("repro", "-f", "train")  # the same params from scratch, uninterrupted
+    def losses(curve: str) -> list[list[str]]:  # drop the timing columns, which always differ
+        return [row.split(",")[:6] for row in curve.splitlines()]
+
+    assert losses((project.path / "metrics/train_curve.csv").read_text()) == losses(resumed_curve)
+    fresh = json.loads((project.path / "metrics/train.json").read_text())
+    again = json.loads(resumed_metrics)
+    for key in ("train_loss", "train_acc", "test_acc"):
+        assert fresh[key] == again[key], key
