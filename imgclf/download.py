@@ -28,9 +28,9 @@ CHUNK = 1 << 20  # bytes per read: large enough that Python overhead is negligib
 
 def _mirror_hint() -> str:
     return (
-        f"Point data.url at a mirror or a local copy instead, e.g.\n"
-        f"  dvc exp run -S 'data.url=/path/to/cifar-10-python.tar.gz'\n"
-        f"or edit data.url in params.yaml (a file:// URL or a plain path both work)."
+        "Point data.url at a mirror or a local copy instead, e.g.\n"
+        "  dvc exp run -S 'data.url=/path/to/cifar-10-python.tar.gz'\n"
+        "or edit data.url in params.yaml (a file:// URL or a plain path both work)."
     )
 
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .dataset import load_cache
 from .export import model_from_bundle, read_bundle
 from .files import atomic_path, write_json
 from .params import EvaluateParams
-from .train import predict_logits, resolve_device
+from .runtime import predict_logits, resolve_device
 
 log = logging.getLogger(__name__)
 

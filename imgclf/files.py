@@ -23,6 +23,12 @@ class PipelineError(Exception):
     """An error a user can act on; stages print its message alone, without a traceback."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
@@ -34,6 +40,7 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
     prefix = f".{target.name}.tmp-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get normal permissions
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)
@@ -45,10 +52,7 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
                 shutil.rmtree(target)
             os.replace(tmp, target)
         else:
-            # mkstemp creates 0600; give the output the permissions of a normal new file.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
             os.replace(tmp, target)
     except BaseException:
         if tmp.is_dir():

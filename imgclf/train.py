@@ -9,16 +9,14 @@ so a resumed run sees exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import json
 import logging
 import math
-import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,71 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from . import models
-from .dataset import Cache, load_cache, load_meta
+from .dataset import load_cache
 from .export import make_bundle
 from .files import PipelineError, atomic_path, file_digest, write_json
 from .params import ModelParams, TrainParams
+from .runtime import autocast, configure_threads, predict_logits, resolve_device, resolve_precision
 from .transforms import augment
 
 log = logging.getLogger(__name__)
-
-
-# --- Device, precision, threads -------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"train.device = {name!r}, but no CUDA device is available; use auto or cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PipelineError(f"train.device = {name!r}, but MPS is not available; use auto or cpu")
-    return dev
-
-
-def cpu_supports_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_supports_bf16() else None
-        return None
-    if precision == "fp16" and device.type == "cpu":
-        raise PipelineError("train.precision = 'fp16' is for GPUs; use bf16 or fp32 on CPU")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def configure_threads(threads: int) -> int:
-    """Set intra-op threads (0 = one per core the process may use)."""
-    if threads == 0:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    # Denormal floats can slow x86 arithmetic by orders of magnitude late in training,
-    # when small gradients underflow; flushing them to zero costs no accuracy here.
-    torch.set_flush_denormal(True)
-    return torch.get_num_threads()
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --- Optimiser and schedule --------------------------------------------------------------
@@ -158,26 +99,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- Evaluation ----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device,
-                   amp: torch.dtype | None = None, channels_last: bool = False, tta_flip: bool = False) -> torch.Tensor:
-    """Logits (float32, on CPU) of a uint8 image tensor, batched."""
-    model.eval()
-    out = []
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
-        with autocast(device, amp):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
-        out.append(logits.cpu())
-    return torch.cat(out) if out else torch.empty(0)
 
 
 # --- Training ------------------------------------------------------------------------------
@@ -264,7 +185,9 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
             sample, crop_padding=t.augment.crop_padding, flip=t.augment.flip,
             generator=torch.Generator(device).manual_seed(t.seed)).cpu(), 0, dataformats="NCHW")
         graph_model = copy.deepcopy(model).float().cpu().eval()  # tracing must not touch BN stats
-        writer.add_graph(graph_model, cache.train.images[:2].clone())
+        with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            writer.add_graph(graph_model, cache.train.images[:2].clone())
 
     log.info(
         "training %s (%d parameters) on %s, %s, %d threads, %d images, batch %d, %d steps/epoch",

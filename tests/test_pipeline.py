@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from imgclf.export import load_state_dict_model, load_whole_model

@@ -1,0 +1,80 @@
+"""The training function itself, called directly on a tiny cached dataset (the recipe the
+stage script wraps): determinism, precision and memory-format modes, compile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgclf.params import DataParams, ModelParams, PreprocessParams, TrainParams
+from imgclf.preprocess import preprocess
+from imgclf.runtime import cpu_supports_bf16
+from imgclf.train import TrainPaths, train
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, cifar_archive) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "processed"
+    preprocess(cifar_archive, out, DataParams(), PreprocessParams())
+    return out
+
+
+def run(cache_dir: Path, out: Path, model: ModelParams | None = None, **train_kw) -> tuple[dict, dict]:
+    kw = {"epochs": 3, "batch_size": 25, "lr": 0.05, "threads": 1, "device": "cpu", "precision": "fp32"} | train_kw
+    out.mkdir(parents=True, exist_ok=True)
+    paths = TrainPaths(cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None)
+    metrics = train(model or ModelParams(), TrainParams(**kw), paths)
+    return metrics, torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_same_params_and_seed_give_identical_results(cache_dir, tmp_path):
+    m1, s1 = run(cache_dir, tmp_path / "a")
+    m2, s2 = run(cache_dir, tmp_path / "b")
+    for key in ("train_loss", "train_acc", "test_acc"):
+        assert m1[key] == m2[key]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    m3, _ = run(cache_dir, tmp_path / "c", seed=1)
+    assert m3["train_loss"] != m1["train_loss"]  # the seed matters
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bf16 kernels")
+def test_bf16_channels_last_learns_as_well_as_fp32(cache_dir, tmp_path):
+    fp32, _ = run(cache_dir, tmp_path / "fp32", channels_last=False)
+    bf16, state = run(cache_dir, tmp_path / "bf16", precision="bf16", channels_last=True)
+    assert bf16["test_acc"] >= fp32["test_acc"] - 0.1
+    assert bf16["test_acc"] > 0.5
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # weights stay fp32
+
+
+@pytest.mark.parametrize("arch", ["seed_cnn", "resnet_fast"])
+def test_other_architectures_train(cache_dir, tmp_path, arch):
+    metrics, _ = run(cache_dir, tmp_path, ModelParams(arch=arch, width=8), epochs=2, lr=0.01)
+    assert 0 <= metrics["test_acc"] <= 1 and metrics["epochs"] == 2
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("adam", "cosine"), ("adamw", "linear"), ("sgd", "constant")])
+def test_optimizers_and_schedules_learn(cache_dir, tmp_path, optimizer, schedule):
+    lr = 0.05 if optimizer == "sgd" else 0.003
+    metrics, _ = run(cache_dir, tmp_path, optimizer=optimizer, schedule=schedule, lr=lr, label_smoothing=0.1)
+    assert metrics["test_acc"] > 0.3
+
+
+def test_torch_compile_path_runs_on_cpu(cache_dir, tmp_path):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    eager, _ = run(cache_dir, tmp_path / "eager", epochs=1)
+    compiled, _ = run(cache_dir, tmp_path / "compiled", epochs=1, compile=True)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+
+
+def test_checkpoint_of_other_params_is_ignored(cache_dir, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"fingerprint": "other", "epoch": 5}, ckpt)
+    metrics, _ = run(cache_dir, tmp_path, epochs=1)
+    assert metrics["epochs"] == 1 and not ckpt.exists()
+    assert json.loads((tmp_path / "train.json").read_text())["epochs"] == 1

@@ -1,0 +1,204 @@
+"""Unit checks of the pieces the stages are built from (no dvc, milliseconds each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from imgclf import models
+from imgclf.download import fetch, local_path, source_name
+from imgclf.files import PipelineError, atomic_path, file_digest
+from imgclf.params import Params, TrainParams, load_params
+from imgclf.train import lr_factor, resolve_precision
+from imgclf.transforms import augment, channel_stats, random_crop, random_flip, tutorial_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_classifier_normalisation_equals_the_tutorial_v2_pipeline():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    reference = torch.stack([tutorial_transform(mean, std)(img) for img in images])
+    ours = models.Classifier(nn.Identity(), mean, std).normalize(images)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_channel_stats_match_a_direct_computation():
+    images = torch.randint(0, 256, (5000, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = channel_stats(images)
+    x = images.double() / 255
+    # ToDtype(float32) rounds each pixel to float32 first: agreement to ~1e-8.
+    assert mean == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-6)
+    assert std == pytest.approx(x.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-6)
+
+
+def test_random_crop_is_a_shifted_window_of_the_reflect_padded_image():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = random_crop(images, 2, torch.Generator().manual_seed(1))
+    padded = nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+    offsets = set()
+    for img, pad in zip(out, padded):
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(pad[:, dy : dy + 8, dx : dx + 8], img)]
+        assert found, "crop is not a window of the padded image"
+        offsets.add(found[0])
+    assert len(offsets) > 10  # offsets vary across the batch
+    assert torch.equal(random_crop(images, 0, torch.Generator()), images)
+
+
+def test_random_flip_mirrors_about_half():
+    images = torch.randint(0, 256, (400, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = random_flip(images, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, i.flip(-1)) and not torch.equal(o, i) for o, i in zip(out, images)])
+    same = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
+    assert bool((flipped | same).all()) and 150 < int(flipped.sum()) < 250
+
+
+def test_augmentation_is_a_function_of_the_generator_seed():
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = augment(images, crop_padding=2, flip=True, generator=torch.Generator().manual_seed(5))
+    b = augment(images, crop_padding=2, flip=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "linear", "constant"])
+def test_schedules_start_low_and_end_at_zero(schedule):
+    t = TrainParams(schedule=schedule, warmup_epochs=1)
+    total, per_epoch = 1000, 100
+    factors = [lr_factor(t, s, total, per_epoch) for s in range(total + 1)]
+    assert max(factors) == pytest.approx(1.0, abs=0.01)
+    if schedule == "constant":
+        assert set(factors) == {1.0}
+    else:
+        assert factors[0] <= 0.01 and factors[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_seed_cnn_is_the_tutorials_network():
+    net = models.seed_cnn()
+    assert list(dict(net.named_children())) == [
+        "conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "flatten", "full_connect1", "full_connect2"]
+    assert not any(isinstance(m, (nn.ReLU, nn.Sigmoid, nn.BatchNorm2d)) for m in net.modules())
+    assert (net.conv1.in_channels, net.conv1.out_channels, net.conv1.kernel_size, net.conv1.padding) == (3, 32, (5, 5), (2, 2))
+    assert (net.full_connect1.in_features, net.full_connect2.out_features) == (1024, 10)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ["seed_cnn_bn", "resnet_fast"])
+@pytest.mark.parametrize("size,classes", [(32, 10), (48, 3)])
+def test_models_take_any_size_and_class_count(arch, size, classes):
+    args = models.arch_args(arch, num_classes=classes, image_size=size, width=8)
+    m = models.build(arch, args, [0.5] * 3, [0.2] * 3)
+    assert m(torch.zeros(2, 3, size, size, dtype=torch.uint8)).shape == (2, classes)
+
+
+def test_vgg16_head_is_replaced_for_the_class_count():
+    m = models.vgg16(num_classes=7)
+    assert isinstance(m.classifier[6], nn.Linear) and m.classifier[6].out_features == 7
+    assert m.classifier[6].in_features == 4096
+    with torch.no_grad():
+        assert m.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_fp16_is_refused_on_cpu():
+    with pytest.raises(PipelineError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("fp32", torch.device("cpu")) is None
+
+
+def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
+    params = load_params(ROOT / "params.yaml")
+    assert params == Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    schema = Params.model_json_schema()
+    seen = set()
+    produced = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
+    for name, stage in stages.items():
+        for key in stage.get("params", []):
+            section, _, field = key.partition(".")
+            assert section in Params.model_fields, f"{name}: unknown params section {section}"
+            if field:
+                model = Params.model_fields[section].annotation
+                assert field in model.model_fields, f"{name}: unknown params key {key}"
+                seen.add(key)
+            else:
+                seen.update(f"{section}.{f}" for f in Params.model_fields[section].annotation.model_fields)
+        for dep in stage.get("deps", []):
+            assert dep in produced or (ROOT / dep).exists(), f"{name}: declared dependency {dep} does not exist"
+            if dep.endswith(".py") and dep.startswith("stages/"):
+                assert dep == f"stages/{name}.py", f"{name}: depends on another stage's script {dep}"
+    every_key = {f"{s}.{f}" for s, fi in Params.model_fields.items() for f in fi.annotation.model_fields}
+    assert seen == every_key, f"params no stage reads: {every_key - seen}"
+    assert schema  # the schema renders (used for documentation)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_sources_resolve_to_paths_and_names(tmp_path):
+    assert local_path("https://example.invalid/a.tar.gz") is None
+    assert local_path((tmp_path / "x y.tgz").as_uri()) == tmp_path / "x y.tgz"
+    assert source_name("https://example.invalid/dir/cifar-10-python.tar.gz") == "cifar-10-python.tar.gz"
+    (tmp_path / "photos").mkdir()
+    assert source_name(str(tmp_path / "photos")) == "photos.tar"
+    with pytest.raises(PipelineError, match="unsupported scheme"):
+        local_path("ftp://example.invalid/x")
+
+
+def test_a_folder_packs_to_identical_bytes_each_time(tmp_path):
+    src = tmp_path / "photos"
+    for rel in ["train/cat/a.jpg", "train/dog/b.jpg", "test/cat/c.jpg"]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(rel.encode())
+    a = fetch(str(src), tmp_path / "raw1", md5="")
+    (src / "train/cat/a.jpg").touch()  # a new mtime alone changes nothing
+    b = fetch(str(src), tmp_path / "raw2", md5="")
+    assert a.name == "photos.tar" and file_digest(a) == file_digest(b)
+    with pytest.raises(PipelineError, match="folder"):
+        fetch(str(src), tmp_path / "raw3", md5="0" * 32)
+    assert not (tmp_path / "raw3").exists()
+
+
+def _imgclf_imports(path: Path) -> set[str]:
+    """imgclf modules a file imports (at any depth of the file, lazy imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 1:  # from .x import y / from . import x
+                names = [mod] if mod else [a.name for a in node.names]
+            elif mod == "imgclf":
+                names = [a.name for a in node.names]
+            elif mod.startswith("imgclf."):
+                names = [mod.split(".")[1]]
+            else:
+                continue
+            found.update(f"imgclf/{n}.py" for n in names if (ROOT / f"imgclf/{n}.py").exists())
+    return found
+
+
+def test_each_stage_declares_exactly_the_code_it_runs():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = ROOT / f"stages/{name}.py"
+        needed, todo = set(), [script]
+        while todo:
+            for mod in _imgclf_imports(todo.pop()) - needed:
+                needed.add(mod)
+                todo.append(ROOT / mod)
+        declared = {d for d in stage["deps"] if d.startswith("imgclf/")}
+        assert declared == needed, f"{name}: missing {needed - declared}, extra {declared - needed}"
