@@ -1,0 +1,101 @@
+"""A user's own image folder through the whole pipeline, and predictions on its files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from imgclf.files import file_digest
+
+from conftest import run_env
+
+COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (210, 60, 30)}  # BGR, as OpenCV writes
+
+
+def write_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> None:
+    """train/ and test/ class folders of noisy solid-colour images, in several formats."""
+    rng = np.random.default_rng(seed)
+    exts = [".png", ".jpg", ".bmp"]
+    for split, n in per_class.items():
+        for name, bgr in COLOURS.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                size = int(rng.integers(20, 48))  # varied sizes: resizing is exercised
+                img = np.clip(np.array(bgr) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                assert cv2.imwrite(str(d / f"{i:03d}{exts[i % 3]}"), img)
+
+
+@pytest.fixture
+def own_project(project):
+    write_folder(project.path / "data/source/shapes", {"train": 30, "test": 8})
+    project.set_params(
+        data={"dataset": "imagefolder", "url": "data/source/shapes", "md5": "", "image_size": 24},
+        train={"epochs": 3, "batch_size": 15, "lr": 0.05},
+    )
+    return project
+
+
+def test_image_folder_runs_the_whole_pipeline_and_rerun_rules(own_project):
+    proj = own_project
+    assert proj.ran_stages(proj.dvc("repro")) == ["download", "preprocess", "train", "evaluate", "export"]
+    meta = json.loads((proj.path / "data/processed/meta.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"]
+    assert (meta["num_train"], meta["num_test"], meta["image_size"]) == (90, 24, 24)
+    ev = json.loads((proj.path / "metrics/eval.json").read_text())
+    assert set(ev["per_class_acc"]) == {"blue", "green", "red"} and ev["test_acc"] > 0.6
+
+    assert proj.ran_stages(proj.dvc("repro")) == []  # nothing changed, nothing runs
+
+    # Changing one image reruns everything downstream of the data.
+    victim = proj.path / "data/source/shapes/train/red/000.png"
+    img = cv2.imread(str(victim))
+    img[0, 0] = (0, 0, 0)
+    cv2.imwrite(str(victim), img)
+    assert proj.ran_stages(proj.dvc("repro")) == ["download", "preprocess", "train", "evaluate", "export"]
+
+
+def test_predictions_match_the_evaluate_stage(own_project):
+    proj = own_project
+    proj.dvc("repro")
+    test_dir = proj.path / "data/source/shapes/test"
+    out = subprocess.run(
+        [sys.executable, "-m", "imgclf.predict", "--model", "models/model_state.pt", "--json", "--top-k", "3", str(test_dir)],
+        cwd=proj.path, env=run_env(), capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    predicted = json.loads(out.stdout)
+    assert len(predicted) == 24
+    # The evaluate stage's rows follow the cache's order: by class, then by path.
+    with open(proj.path / "metrics/predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    files = sorted(predicted, key=lambda r: (Path(r["path"]).parent.name, r["path"]))
+    for row, pred in zip(rows, files):
+        assert row["actual"] == Path(pred["path"]).parent.name
+        assert row["predicted"] == pred["top"][0]["class"], pred["path"]
+        assert sum(t["prob"] for t in pred["top"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_zip_archive_over_http_with_checksum(project, http_root, http_server, tmp_path):
+    folder = tmp_path / "pets"
+    write_folder(folder, {"train": 4, "val": 2}, seed=1)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, f"pets/{f.relative_to(folder).as_posix()}")
+    (http_root / "pets.zip").write_bytes(buf.getvalue())
+    project.set_params(data={"dataset": "imagefolder", "url": f"{http_server}/pets.zip",
+                             "md5": file_digest(http_root / "pets.zip")})
+    assert project.ran_stages(project.dvc("repro", "preprocess")) == ["download", "preprocess"]
+    meta = json.loads((project.path / "data/processed/meta.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"] and (meta["num_train"], meta["num_test"]) == (12, 6)
