@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -10,8 +11,10 @@ from .files import PipelineError
 
 
 def run_stage(name: str, work: Callable[[], object]) -> None:
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 reports progress
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {name}: %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s {name}: %(message)s", datefmt="%H:%M:%S",
     )
     try:
         work()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import tarfile
 import urllib.error
 import urllib.parse
@@ -83,9 +82,7 @@ def _fetch_url(url: str, dst: Path, timeout: float) -> str:
             return digest
     except urllib.error.HTTPError as e:
         raise PipelineError(f"cannot download {url}: HTTP {e.code} {e.reason}. {_mirror_hint()}") from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
-        if isinstance(e, PipelineError):
-            raise
+    except OSError as e:  # URLError, timeouts, refused connections, resets
         reason = getattr(e, "reason", e)
         raise PipelineError(
             f"cannot reach {url} (timeout {timeout:g} s): {reason}.\n{_mirror_hint()}"

@@ -89,7 +89,8 @@ class TrainParams(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False  # torch.compile; pays off on GPU for long runs
-    threads: int = Field(0, ge=0, le=1024)  # CPU threads; 0 = one per physical core
+    threads: int = Field(0, ge=0, le=1024)  # CPU threads; 0 = all cores (shared among processes)
+    processes: int = Field(1, ge=1, le=1024)  # >1: torchrun, one process per GPU (DDP)
 
     @field_validator("device")
     @classmethod

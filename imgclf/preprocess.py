@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import cifar
-from .dataset import Cache, RawDataset, save_cache
+from .dataset import Cache, RawDataset, Split, save_cache
 from .files import PipelineError, atomic_path
 from .params import DataParams, PreprocessParams
 from .transforms import channel_stats, resize
@@ -55,8 +55,8 @@ def preprocess(
             f"{archive}: the dataset needs images in both splits; found "
             f"{len(raw.train)} train and {len(raw.test)} test images"
         )
-    train = type(raw.train)(resize(raw.train.images, data.image_size), raw.train.labels)
-    test = type(raw.test)(resize(raw.test.images, data.image_size), raw.test.labels)
+    train = Split(resize(raw.train.images, data.image_size), raw.train.labels)
+    test = Split(resize(raw.test.images, data.image_size), raw.test.labels)
     mean, std = channel_stats(train.images)
     cache = Cache(train=train, test=test, classes=raw.classes, mean=mean, std=std, image_size=data.image_size)
     save_cache(cache, out_dir, extra_meta={"dataset": data.dataset, "source": Path(archive).name})

@@ -13,10 +13,12 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import random
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from .export import make_bundle
 from .files import PipelineError, atomic_path, file_digest, write_json
 from .params import ModelParams, TrainParams
 from .runtime import autocast, configure_threads, predict_logits, resolve_device, resolve_precision
-from .transforms import augment
+from .transforms import Augmenter, augment
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,76 @@ def lr_factor(t: TrainParams, step: int, total: int, steps_per_epoch: int) -> fl
     return max(0.0, 1 - progress)  # linear
 
 
+# --- One step, one epoch of batches (shared with imgclf.bench) -----------------------------
+
+
+@dataclass
+class TrainStep:
+    """One optimiser step as train() takes it: forward under autocast, the loss in fp32,
+    backward through the GradScaler (a no-op unless fp16), optimiser and schedule step."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its DDP/compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    device: torch.device
+    amp: torch.dtype | None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's loss (detached) and its number of correct predictions, on the device."""
+        with autocast(self.device, self.amp):
+            logits = self.forward(x)
+            loss = self.criterion(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def make_step(model: nn.Module, t: TrainParams, device: torch.device, amp: torch.dtype | None,
+              total_steps: int, steps_per_epoch: int) -> TrainStep:
+    """The optimiser, schedule, scaler and loss of ``t`` around ``model``."""
+    optimizer = make_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(t, s, total_steps, steps_per_epoch)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    return TrainStep(model, optimizer, scheduler, scaler, criterion, device, amp)
+
+
+def epoch_batches(augmenter: Augmenter, y_train: torch.Tensor, *, batch: int, steps: int,
+                  generator: torch.Generator, memory_format: torch.memory_format,
+                  offset: int = 0, share: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's batches: the epoch permuted and augmented in one batched pass on the
+    device, then sliced. ``offset`` and ``share`` pick one process's part of each batch."""
+    share = batch if share is None else share
+    perm = torch.randperm(len(y_train), generator=generator, device=y_train.device)[: steps * batch]
+    xs = augmenter(perm, generator)
+    ys = y_train[perm]
+    for i in range(steps):
+        lo = i * batch + offset
+        yield xs[lo : lo + share].contiguous(memory_format=memory_format), ys[lo : lo + share]
+
+
+def run_steps(step: TrainStep, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, *, epoch: int,
+              reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+              desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take ``steps`` steps on ``batches``; return each step's loss and correct count."""
+    losses = torch.zeros(steps, device=step.device)
+    correct = torch.zeros(steps, device=step.device)
+    bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty())
+    for i, (x, y) in zip(range(steps), bar):
+        losses[i], correct[i] = step(x, y)
+        # Check finiteness periodically: every check is a device sync on a GPU.
+        if step.device.type == "cpu" or i % 50 == 49 or i == steps - 1:
+            _check_finite(reduce(losses[: i + 1]), epoch)
+    return losses, correct
+
+
 # --- Checkpoints ---------------------------------------------------------------------------
 
 
@@ -101,6 +173,83 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --- Several processes (torchrun) --------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    """This process's place among the ``torchrun`` workers (a single process: world 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    local_world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as td
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not td.is_initialized():
+            td.init_process_group(backend)
+        return cls(rank=td.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world=world,
+                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        if self.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def cpu_threads_per_process(self, device: torch.device) -> int:
+        """0 (= all cores) for one process; on CPU, the cores shared among the local workers."""
+        if self.world == 1 or device.type != "cpu":
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // self.local_world)
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _reduce(self, x: torch.Tensor, average: bool) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        import torch.distributed as td
+
+        x = x.clone()
+        td.all_reduce(x)
+        return x / self.world if average else x
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, average=True)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, average=False)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+
+
 # --- Training ------------------------------------------------------------------------------
 
 
@@ -126,9 +275,15 @@ def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[str, Any]:
-    """Train per params; resume from ``paths.checkpoint`` if it matches; return the metrics."""
-    device = resolve_device(t.device)
-    threads = configure_threads(t.threads)
+    """Train per params; resume from ``paths.checkpoint`` if it matches; return the metrics.
+
+    Under ``torchrun`` (``train.processes`` > 1) each process takes an equal share of every
+    global batch of ``train.batch_size`` images and DistributedDataParallel averages the
+    gradients; rank 0 alone evaluates and writes files.
+    """
+    dist = Distributed.from_env()
+    device = dist.device(resolve_device(t.device))
+    threads = configure_threads(t.threads or dist.cpu_threads_per_process(device))
     amp = resolve_precision(t.precision, device)
     cache = load_cache(paths.cache_dir)
     n = len(cache.train)
@@ -136,6 +291,9 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
         raise PipelineError(f"{paths.cache_dir}: the train split is empty")
     # Drop the last incomplete batch (as DataLoader(drop_last=True)), unless it is the only one.
     batch = min(t.batch_size, n)
+    if batch % dist.world:
+        raise PipelineError(f"train.batch_size = {batch} must be a multiple of the {dist.world} processes")
+    share = batch // dist.world  # images per process per step
     steps_per_epoch = n // batch
     total_steps = steps_per_epoch * t.epochs
 
@@ -149,15 +307,8 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     model = models.build(model_params.arch, arch_args, cache.mean, cache.std)
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
-    optimizer = make_optimizer(model, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(t, s, total_steps, steps_per_epoch)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    step_fn = model
-    if t.compile:
-        step_fn = torch.compile(model)
+    step = make_step(model, t, device, amp, total_steps, steps_per_epoch)
+    optimizer, scheduler, scaler = step.optimizer, step.scheduler, step.scaler  # checkpointed
 
     fp = fingerprint(model_params, t, paths.cache_dir)
     start_epoch, history = 0, []
@@ -173,10 +324,14 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
             log.info("resuming from %s: epoch %d of %d done", paths.checkpoint, start_epoch, t.epochs)
         else:
             log.info("ignoring %s: it was made with other params or data", paths.checkpoint)
+    step.forward = dist.wrap(model, device)
+    if t.compile:
+        step.forward = torch.compile(step.forward)
 
     x_train = cache.train.images.to(device)
     y_train = cache.train.labels.to(device)
-    writer = _tensorboard(paths.log_dir)
+    augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip)
+    writer = _tensorboard(paths.log_dir) if dist.is_main else None
     if writer is not None:
         for row in history:  # DVC cleared the log folder before a resumed run: replay it
             _log_scalars(writer, row)
@@ -190,74 +345,62 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
             writer.add_graph(graph_model, cache.train.images[:2].clone())
 
     log.info(
-        "training %s (%d parameters) on %s, %s, %d threads, %d images, batch %d, %d steps/epoch",
+        "training %s (%d parameters) on %s%s, %s, %d threads, %d images, batch %d, %d steps/epoch",
         model_params.arch, sum(p.numel() for p in model.parameters()), device,
+        f" x {dist.world} processes" if dist.world > 1 else "",
         "fp32" if amp is None else f"autocast {str(amp).removeprefix('torch.')}", threads, n, batch, steps_per_epoch,
     )
-    show_bar = sys.stderr.isatty()
-    losses = torch.zeros(steps_per_epoch, device=device)
-    correct = torch.zeros(steps_per_epoch, device=device)
     for epoch in range(start_epoch, t.epochs):
         t0 = time.perf_counter()
+        # Every process draws the same permutation and augmentation, then takes its share.
         gen = torch.Generator(device).manual_seed(t.seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=gen, device=device)[: steps_per_epoch * batch]
-        xs = augment(x_train[perm], crop_padding=t.augment.crop_padding, flip=t.augment.flip, generator=gen)
-        ys = y_train[perm]
         model.train()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not show_bar)
-        for i in bar:
-            x = xs[i * batch : (i + 1) * batch].contiguous(memory_format=fmt)
-            y = ys[i * batch : (i + 1) * batch]
-            with autocast(device, amp):
-                logits = step_fn(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses[i] = loss.detach()
-            correct[i] = (logits.argmax(1) == y).sum()
-            # Check finiteness periodically: every check is a device sync on a GPU.
-            if device.type == "cpu" or i % 50 == 49 or i == steps_per_epoch - 1:
-                _check_finite(losses[: i + 1], epoch)
+        batches = epoch_batches(augmenter, y_train, batch=batch, steps=steps_per_epoch, generator=gen,
+                                memory_format=fmt, offset=dist.rank * share, share=share)
+        losses, correct = run_steps(step, batches, steps_per_epoch, epoch=epoch, reduce=dist.mean,
+                                    desc=f"epoch {epoch + 1}/{t.epochs}" if dist.is_main else None)
+        epoch_losses, epoch_correct = dist.mean(losses), dist.sum(correct)
         seconds_train = time.perf_counter() - t0
-        test_logits = predict_logits(model, cache.test.images, batch_size=1000, device=device, amp=amp, channels_last=t.channels_last)
-        test_loss = nn.functional.cross_entropy(test_logits, cache.test.labels).item()
-        test_acc = (test_logits.argmax(1) == cache.test.labels).float().mean().item()
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": losses.mean().item(),
-            "train_acc": correct.sum().item() / (steps_per_epoch * batch),
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": steps_per_epoch * batch / seconds_train,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(row)
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.4g  %.0f img/s  %.1f s",
-            row["epoch"], t.epochs, row["train_loss"], row["train_acc"], test_loss, test_acc,
-            row["lr"], row["images_per_s"], row["seconds"],
-        )
-        if writer is not None:
-            _log_scalars(writer, row)
-            writer.flush()
-        _write_curve(paths.curve_out, history)
-        with atomic_path(paths.checkpoint) as tmp:
-            torch.save({
-                "fingerprint": fp, "epoch": epoch, "history": history, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": _rng_state(),
-            }, tmp)
+        if dist.is_main:
+            test_logits = predict_logits(model, cache.test.images, batch_size=1000, device=device, amp=amp, channels_last=t.channels_last)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": epoch_losses.mean().item(),
+                "train_acc": epoch_correct.sum().item() / (steps_per_epoch * batch),
+                "test_loss": nn.functional.cross_entropy(test_logits, cache.test.labels).item(),
+                "test_acc": (test_logits.argmax(1) == cache.test.labels).float().mean().item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": steps_per_epoch * batch / seconds_train,
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append(row)
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.4g  %.0f img/s  %.1f s",
+                row["epoch"], t.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"],
+                row["lr"], row["images_per_s"], row["seconds"],
+            )
+            if writer is not None:
+                _log_scalars(writer, row)
+                writer.flush()
+            _write_curve(paths.curve_out, history)
+            with atomic_path(paths.checkpoint) as tmp:
+                torch.save({
+                    "fingerprint": fp, "epoch": epoch, "history": history, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": _rng_state(),
+                }, tmp)
+        dist.barrier()
     if writer is not None:
         writer.close()
+    if not dist.is_main:
+        dist.close()
+        return {}
 
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     bundle = make_bundle(model, arch=model_params.arch, arch_args=arch_args, classes=cache.classes,
                          mean=cache.mean, std=cache.std, image_size=cache.image_size)
-    bundle["training"] = {"epochs": t.epochs, "device": str(device), "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
+    bundle["training"] = {"epochs": t.epochs, "device": str(device), "processes": dist.world,
+                          "precision": "fp32" if amp is None else str(amp).removeprefix("torch.")}
     with atomic_path(paths.model_out) as tmp:
         torch.save(bundle, tmp)
     last = history[-1]
@@ -271,6 +414,7 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     }
     write_json(paths.metrics_out, metrics)
     paths.checkpoint.unlink(missing_ok=True)  # the run is complete: its outputs are the record
+    dist.close()
     return metrics
 
 
@@ -300,3 +444,14 @@ def _log_scalars(writer, row: dict[str, float]) -> None:
         writer.add_scalar(f"{name}/{split}", row[k], row["epoch"])
     writer.add_scalar("perf/lr", row["lr"], row["epoch"])
     writer.add_scalar("perf/images_per_s", row["images_per_s"], row["epoch"])
+
+
+def launch_processes(processes: int, script: str) -> None:
+    """Run ``script`` under torchrun as ``processes`` workers on this machine (DDP)."""
+    from torch.distributed.run import main as torchrun
+
+    log.info("starting %d training processes with torchrun", processes)
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={processes}", script])
+    except Exception as e:  # torchrun's ChildFailedError: the worker already printed why
+        raise PipelineError(f"a training process failed ({type(e).__name__}); its message is above") from None

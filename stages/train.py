@@ -1,13 +1,21 @@
-"""Stage `train`: train model.arch on the cached tensors; resumes from checkpoints/train.pt."""
+"""Stage `train`: train model.arch on the cached tensors; resumes from checkpoints/train.pt.
+
+With train.processes > 1 the script restarts itself under torchrun, one process per GPU.
+"""
+
+import os
 
 from imgclf import paths
 from imgclf.cli import run_stage
 from imgclf.params import load_params
-from imgclf.train import TrainPaths, train
+from imgclf.train import TrainPaths, launch_processes, train
 
 
 def main() -> None:
     params = load_params(paths.PARAMS)
+    if params.train.processes > 1 and "LOCAL_RANK" not in os.environ:
+        launch_processes(params.train.processes, __file__)
+        return
     train(
         params.model,
         params.train,

@@ -202,3 +202,23 @@ def test_each_stage_declares_exactly_the_code_it_runs():
                 todo.append(ROOT / mod)
         declared = {d for d in stage["deps"] if d.startswith("imgclf/")}
         assert declared == needed, f"{name}: missing {needed - declared}, extra {declared - needed}"
+
+
+def test_transforms_v1_and_v2_agree_and_v2_takes_batches():
+    """The tutorial's TODO §2.5 (v1 vs v2), as checked facts: the same numbers per image,
+    and v2 (unlike v1's ToTensor) also transforms a whole uint8 batch at once."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as v1
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    old = v1.Compose([v1.ToTensor(), v1.Normalize(mean, std)])(Image.fromarray(hwc))
+    new = tutorial_transform(mean, std)(Image.fromarray(hwc))
+    torch.testing.assert_close(new, old)
+    batch = torch.from_numpy(np.stack([hwc] * 4)).permute(0, 3, 1, 2)  # N, C, H, W uint8
+    out = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])(batch)
+    assert out.shape == (4, 3, 8, 8)
+    torch.testing.assert_close(out[2], old)
