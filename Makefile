@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench fast clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,15 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The fast recipe: a narrow batch-normalised ResNet-9, one-cycle schedule, label smoothing,
+# flip + shift test-time augmentation; 13 epochs fit in 10 minutes on 2 CPU cores (README).
+FAST_RECIPE := -S model.arch=resnet_fast -S model.width=32 -S train.batch_size=256 \
+	-S train.lr=0.2 -S train.epochs=13 -S train.label_smoothing=0.2 \
+	-S evaluate.tta_flip=true -S evaluate.tta_shift=1
+
+fast: install
+	dvc exp run $(FAST_RECIPE)
 
 bench: install
 	$(BIN)/python -m imgclf.bench

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from .dataset import load_cache
@@ -17,6 +18,27 @@ from .runtime import predict_logits, resolve_device
 log = logging.getLogger(__name__)
 
 
+def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """The images translated by (dy, dx) pixels, the uncovered border filled by reflection."""
+    p = max(abs(dy), abs(dx))
+    if p == 0:
+        return images
+    h, w = images.shape[-2:]
+    padded = nn.functional.pad(images, (p, p, p, p), mode="reflect")
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, e: EvaluateParams, device: torch.device) -> torch.Tensor:
+    """Logits averaged over the test-time views the params ask for: the image, its mirror
+    (``tta_flip``), and both shifted diagonally by ``tta_shift`` pixels either way."""
+    offsets = [(0, 0)] + ([(e.tta_shift, e.tta_shift), (-e.tta_shift, -e.tta_shift)] if e.tta_shift else [])
+    total = None
+    for dy, dx in offsets:
+        logits = predict_logits(model, shift(images, dy, dx), batch_size=e.batch_size, device=device, tta_flip=e.tta_flip)
+        total = logits if total is None else total + logits
+    return total / len(offsets)
+
+
 def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: EvaluateParams,
              metrics_out: str | os.PathLike, predictions_out: str | os.PathLike) -> dict[str, Any]:
     bundle = read_bundle(model_path)
@@ -24,7 +46,7 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: Eva
     device = resolve_device("auto")
     model.to(device)
     test = load_cache(cache_dir, splits=("test",)).test
-    logits = predict_logits(model, test.images, batch_size=e.batch_size, device=device, tta_flip=e.tta_flip)
+    logits = tta_logits(model, test.images, e, device)
     labels = test.labels
     pred = logits.argmax(1)
     classes = bundle["classes"]
@@ -37,6 +59,7 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: Eva
         "test_loss": round(nn.functional.cross_entropy(logits, labels).item(), 6),
         "num_test": len(labels),
         "tta_flip": e.tta_flip,
+        "tta_shift": e.tta_shift,
         "per_class_acc": per_class,
     }
     write_json(metrics_out, metrics)
@@ -46,8 +69,9 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: Eva
             f.write("actual,predicted\n")
             for a, p in zip(labels.tolist(), pred.tolist()):
                 f.write(f"{classes[a]},{classes[p]}\n")
+    views = (2 if e.tta_flip else 1) * (3 if e.tta_shift else 1)
     log.info("test accuracy %.4f, loss %.4f on %d images%s", metrics["test_acc"], metrics["test_loss"],
-             len(labels), " (flip TTA)" if e.tta_flip else "")
+             len(labels), f" ({views} test-time views)" if views > 1 else "")
     worst = sorted((v, k) for k, v in per_class.items() if v is not None)[:3]
     log.info("weakest classes: %s", ", ".join(f"{k} {v:.3f}" for v, k in worst))
     return metrics

@@ -106,6 +106,7 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     batch_size: int = Field(1000, ge=1, le=65_536)
     tta_flip: bool = False  # average logits of the image and its mirror
+    tta_shift: int = Field(0, ge=0, le=8)  # pixels: also average views shifted by (+s,+s), (-s,-s); 0 = off
 
 
 class ExportParams(_Section):

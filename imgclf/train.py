@@ -135,12 +135,15 @@ def run_steps(step: TrainStep, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     """Take ``steps`` steps on ``batches``; return each step's loss and correct count."""
     losses = torch.zeros(steps, device=step.device)
     correct = torch.zeros(steps, device=step.device)
-    bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty())
-    for i, (x, y) in zip(range(steps), bar):
-        losses[i], correct[i] = step(x, y)
-        # Check finiteness periodically: every check is a device sync on a GPU.
-        if step.device.type == "cpu" or i % 50 == 49 or i == steps - 1:
-            _check_finite(reduce(losses[: i + 1]), epoch)
+    # The bar is updated by hand rather than wrapping ``batches``: tqdm closes an iterator
+    # it wraps, and the bench feeds several calls from one endless generator.
+    with tqdm(total=steps, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty()) as bar:
+        for i, (x, y) in zip(range(steps), batches):  # range first: no batch is drawn past `steps`
+            losses[i], correct[i] = step(x, y)
+            # Check finiteness periodically: every check is a device sync on a GPU.
+            if step.device.type == "cpu" or i % 50 == 49 or i == steps - 1:
+                _check_finite(reduce(losses[: i + 1]), epoch)
+            bar.update()
     return losses, correct
 
 

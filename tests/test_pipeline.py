@@ -98,6 +98,11 @@ def test_experiments_show_their_own_params_and_metrics(project):
     assert exps["lr-small"][0] == 0.005 and exps["lr-big"][0] == 0.05
     assert all(0 <= acc <= 1 for _, acc in exps.values())
 
+    # A typo, which `-S` would silently add as a new key, fails the experiment by name.
+    typo = project.dvc("exp", "run", "-S", "train.lrr=0.1", check=False)
+    assert typo.returncode != 0
+    assert "unknown key 'train.lrr' (value 0.1)" in typo.stdout + typo.stderr
+
 
 def test_push_and_pull_give_identical_models(project, tmp_path):
     project.dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))

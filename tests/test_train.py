@@ -78,3 +78,25 @@ def test_checkpoint_of_other_params_is_ignored(cache_dir, tmp_path):
     metrics, _ = run(cache_dir, tmp_path, epochs=1)
     assert metrics["epochs"] == 1 and not ckpt.exists()
     assert json.loads((tmp_path / "train.json").read_text())["epochs"] == 1
+
+
+def test_run_steps_leaves_the_batch_source_open(cache_dir):
+    """Several calls can draw from one endless source of batches (as the benchmark does)."""
+    from imgclf import models
+    from imgclf.train import make_step, run_steps
+
+    model = models.build("seed_cnn", models.arch_args("seed_cnn", num_classes=10, image_size=32), [0.5] * 3, [0.2] * 3)
+    t = TrainParams(device="cpu", precision="fp32")
+    step = make_step(model, t, torch.device("cpu"), None, total_steps=100, steps_per_epoch=10)
+    drawn = []
+
+    def endless():
+        while True:
+            drawn.append(1)
+            yield torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)
+
+    source = endless()
+    for _ in range(3):
+        losses, _ = run_steps(step, source, 2, epoch=0)
+        assert len(losses) == 2
+    assert len(drawn) == 6

@@ -222,3 +222,27 @@ def test_transforms_v1_and_v2_agree_and_v2_takes_batches():
     out = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])(batch)
     assert out.shape == (4, 3, 8, 8)
     torch.testing.assert_close(out[2], old)
+
+
+def test_test_time_views():
+    from imgclf.evaluate import shift, tta_logits
+    from imgclf.params import EvaluateParams
+
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).reshape(2, 3, 6, 6)
+    moved = shift(images, 1, 1)
+    assert torch.equal(moved[..., 1:, 1:], images[..., :-1, :-1])  # content moves down-right
+    assert torch.equal(shift(images, -2, -2)[..., :-2, :-2], images[..., 2:, 2:])
+    assert torch.equal(shift(images, 0, 0), images)
+
+    class Probe(nn.Module):  # logits = mean pixel of the left and right halves
+        def forward(self, x):
+            x = x.float()
+            return torch.stack([x[..., :3].mean((1, 2, 3)), x[..., 3:].mean((1, 2, 3))], 1)
+
+    plain = tta_logits(Probe(), images, EvaluateParams(), torch.device("cpu"))
+    flipped = tta_logits(Probe(), images, EvaluateParams(tta_flip=True), torch.device("cpu"))
+    torch.testing.assert_close(flipped[:, 0], flipped[:, 1])  # mirror views average the halves
+    assert not torch.allclose(plain[:, 0], plain[:, 1])
+    shifted = tta_logits(Probe(), images, EvaluateParams(tta_shift=1), torch.device("cpu"))
+    expected = sum(Probe()(shift(images, d, d)) for d in (0, 1, -1)) / 3
+    torch.testing.assert_close(shifted, expected)
