@@ -8,7 +8,7 @@ one-off costs: preprocessing, loading the cache, a no-op ``dvc repro`` and one f
 
     python -m imgclf.bench [--archive PATH] [--project DIR] [--quick] [--json OUT] [--device auto|cpu|cuda]
 
-Every throughput is the median of >= 5 timed repeats after warm-up. docs/bench.md explains
+Every throughput is the median of >= 5 timed repeats after warm-up. The README (Speed) explains
 each row and holds a measured table.
 """
 

@@ -111,7 +111,8 @@ def verify_in_fresh_process(whole_path: Path, state_path: Path, images: torch.Te
             "import sys, torch; from imgclf.export import _logits_of_both; "
             "torch.save(_logits_of_both(sys.argv[1], sys.argv[2], torch.load(sys.argv[3])), sys.argv[4])"
         )
-        proc = subprocess.run([sys.executable, "-c", code, str(whole_path), str(state_path), str(inp), str(out)],
+        # -I: isolated, so the current folder cannot shadow the installed package.
+        proc = subprocess.run([sys.executable, "-I", "-c", code, str(whole_path), str(state_path), str(inp), str(out)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise PipelineError(f"the exported models do not reload in a fresh process:\n{proc.stderr.strip()}")

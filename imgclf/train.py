@@ -1,7 +1,7 @@
 """The training loop: cached uint8 tensors in, a trained model bundle and its curves out.
 
 The whole training split sits on the training device as one uint8 tensor. Each epoch it is
-permuted and augmented in one batched pass (see :func:`imgclf.transforms.augment`), and a
+permuted and augmented in one batched pass (see :class:`imgclf.transforms.Augmenter`), and a
 batch is a slice of that tensor: no DataLoader, no per-sample Python, no per-batch
 host-to-device copy. Randomness per epoch comes from a generator seeded by (seed, epoch),
 so a resumed run sees exactly the batches an uninterrupted run would.
@@ -34,7 +34,7 @@ from .export import make_bundle
 from .files import PipelineError, atomic_path, file_digest, write_json
 from .params import ModelParams, TrainParams
 from .runtime import autocast, configure_threads, predict_logits, resolve_device, resolve_precision
-from .transforms import Augmenter, augment
+from .transforms import Augmenter
 
 log = logging.getLogger(__name__)
 
@@ -338,10 +338,8 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     if writer is not None:
         for row in history:  # DVC cleared the log folder before a resumed run: replay it
             _log_scalars(writer, row)
-        sample = x_train[:64]
-        writer.add_images("train/augmented samples", augment(
-            sample, crop_padding=t.augment.crop_padding, flip=t.augment.flip,
-            generator=torch.Generator(device).manual_seed(t.seed)).cpu(), 0, dataformats="NCHW")
+        sample = augmenter(torch.arange(min(64, n), device=device), torch.Generator(device).manual_seed(t.seed))
+        writer.add_images("train/augmented samples", sample.cpu(), 0, dataformats="NCHW")
         graph_model = copy.deepcopy(model).float().cpu().eval()  # tracing must not touch BN stats
         with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
             warnings.simplefilter("ignore", FutureWarning)

@@ -42,7 +42,8 @@ def test_full_repro_writes_every_declared_output(project):
     # DVC's own bookkeeping (dvc.lock, .gitignore entries, .dvc/), or git's.
     declared = ("data/raw/", "data/processed/", "logs/preprocess/", "logs/train/", "models/", "metrics/")
     new = project.git("ls-files", "--others").stdout.split()
-    stray = [f for f in new if not f.startswith(declared + (".dvc/",)) and f != "dvc.lock" and not f.endswith(".gitignore")]
+    stray = [f for f in new if not f.startswith(declared + (".dvc/",)) and f != "dvc.lock"
+             and not f.endswith(".gitignore") and "__pycache__/" not in f]  # Python's own, git-ignored
     assert stray == [], stray
     metrics_files = {f for f in new if f.startswith("metrics/")}
     assert metrics_files == {f for f in OUTPUTS if f.startswith("metrics/")}
@@ -98,8 +99,11 @@ def test_experiments_show_their_own_params_and_metrics(project):
     assert exps["lr-small"][0] == 0.005 and exps["lr-big"][0] == 0.05
     assert all(0 <= acc <= 1 for _, acc in exps.values())
 
-    # A typo, which `-S` would silently add as a new key, fails the experiment by name.
-    typo = project.dvc("exp", "run", "-S", "train.lrr=0.1", check=False)
+    # DVC refuses `-S train.lrr=0.1` itself (no such key); `+train.lrr` adds it, and then
+    # the params schema fails the experiment, naming the key.
+    refused = project.dvc("exp", "run", "-S", "train.lrr=0.1", check=False)
+    assert refused.returncode != 0 and "train.lrr" in refused.stderr
+    typo = project.dvc("exp", "run", "-S", "+train.lrr=0.1", check=False)
     assert typo.returncode != 0
     assert "unknown key 'train.lrr' (value 0.1)" in typo.stdout + typo.stderr
 
