@@ -113,7 +113,6 @@ def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
     params = load_params(ROOT / "params.yaml")
     assert params == Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    schema = Params.model_json_schema()
     seen = set()
     produced = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
     for name, stage in stages.items():
@@ -132,7 +131,6 @@ def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
                 assert dep == f"stages/{name}.py", f"{name}: depends on another stage's script {dep}"
     every_key = {f"{s}.{f}" for s, fi in Params.model_fields.items() for f in fi.annotation.model_fields}
     assert seen == every_key, f"params no stage reads: {every_key - seen}"
-    assert schema  # the schema renders (used for documentation)
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
