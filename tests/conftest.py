@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -50,6 +52,21 @@ def cifar_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cifar_archive(cifar_dir) -> Path:
     return cifar_dir / "cifar-10-python.tar.gz"
+
+
+def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz", links: dict[str, tuple[bytes, str]] | None = None) -> Path:
+    """``links``: name -> (tarfile.SYMTYPE or LNKTYPE, target)."""
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, (kind, target) in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = target
+            tar.addfile(info)
+    return path
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

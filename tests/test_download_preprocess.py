@@ -13,7 +13,7 @@ import torch
 from imgclf.cifar import FOLDER, load_pickle, read_archive, write_archive, UnsafePickleError
 from imgclf.files import file_digest
 
-from conftest import CLASSES, make_split
+from conftest import CLASSES, make_split, make_tar
 
 
 def test_repro_downloads_verifies_and_caches(project, cifar_archive):
@@ -119,14 +119,7 @@ def test_forbidden_pickle_global_is_refused(project, tmp_path):
         for m in tar:
             members[m.name] = tar.extractfile(m).read()
     members[f"{FOLDER}/data_batch_3"] = pickle.dumps({"data": _Evil()}, protocol=2)
-    evil = tmp_path / "evil2.tar.gz"
-    with tarfile.open(evil, "w:gz") as tar:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            import io
-
-            tar.addfile(info, io.BytesIO(payload))
+    evil = make_tar(tmp_path / "evil2.tar.gz", members)
     project.set_params(data={"url": str(evil), "md5": file_digest(evil)})
     proc = project.dvc("repro", "preprocess", check=False)
     _assert_failed(proc, "data_batch_3", "refusing to load global", "system")

@@ -22,6 +22,8 @@ from imgclf import imagefolder
 from imgclf.files import PipelineError
 from imgclf.imagefolder import ImageFileError, decode_image, load_image_file, read_archive
 
+from conftest import make_tar
+
 SIZE = 8
 RED_BGR = (0, 0, 255)  # OpenCV writes BGR; these are red images
 
@@ -48,21 +50,6 @@ def palette_png(rgb, size=SIZE) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz", links: dict[str, tuple[bytes, str]] | None = None) -> Path:
-    """``links``: name -> (tarfile.SYMTYPE or LNKTYPE, target)."""
-    with tarfile.open(path, mode) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, (kind, target) in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.linkname = target
-            tar.addfile(info)
-    return path
 
 
 def make_zip(path: Path, members: dict[str, bytes]) -> Path:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import cv2
@@ -20,6 +18,8 @@ from imgclf import models
 from imgclf.export import load_state_dict_model, make_bundle, save_state_bundle, save_whole_model
 from imgclf.imagefolder import load_image_file, read_archive
 from imgclf.predict import main, predict_files
+
+from conftest import make_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["ant", "bee", "cat", "dog"]
@@ -131,12 +131,7 @@ def test_predict_files_equals_softmax_of_the_model(model_file, images):
 def test_prediction_sees_the_pixels_training_saw(tmp_path, images):
     members = {f"train/a/{n}": images[n].read_bytes() for n in GOOD}
     members["test/a/x.png"] = members["train/a/gray.png"]
-    archive = tmp_path / "d.tar"
-    with tarfile.open(archive, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    archive = make_tar(tmp_path / "d.tar", members, mode="w")
     train = read_archive(archive, image_size=SIZE).train
     for img, name in zip(train.images, sorted(GOOD)):
         assert torch.equal(img, torch.from_numpy(load_image_file(images[name], SIZE)).permute(2, 0, 1)), name
