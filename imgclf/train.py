@@ -137,12 +137,15 @@ def run_steps(step: TrainStep, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     correct = torch.zeros(steps, device=step.device)
     # The bar is updated by hand rather than wrapping ``batches``: tqdm closes an iterator
     # it wraps, and the bench feeds several calls from one endless generator.
+    checked = 0
     with tqdm(total=steps, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty()) as bar:
         for i, (x, y) in zip(range(steps), batches):  # range first: no batch is drawn past `steps`
             losses[i], correct[i] = step(x, y)
             # Check finiteness periodically: every check is a device sync on a GPU.
+            # Only the steps since the last check are looked at (and, under DDP, all-reduced).
             if step.device.type == "cpu" or i % 50 == 49 or i == steps - 1:
-                _check_finite(reduce(losses[: i + 1]), epoch)
+                _check_finite(reduce(losses[checked : i + 1]), epoch, first_step=checked)
+                checked = i + 1
             bar.update()
     return losses, correct
 
@@ -419,13 +422,14 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     return metrics
 
 
-def _check_finite(losses: torch.Tensor, epoch: int) -> None:
+def _check_finite(losses: torch.Tensor, epoch: int, first_step: int = 0) -> None:
+    """Raise if any loss is non-finite; ``losses[0]`` is step ``first_step`` of the epoch."""
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
-        step = int(bad.nonzero()[0, 0])
+        index = int(bad.nonzero()[0, 0])
         raise PipelineError(
-            f"training diverged: non-finite loss ({losses[step].item()}) at epoch {epoch + 1}, "
-            f"step {step + 1}; nothing was written downstream. Lower train.lr, or use "
+            f"training diverged: non-finite loss ({losses[index].item()}) at epoch {epoch + 1}, "
+            f"step {first_step + index + 1}; nothing was written downstream. Lower train.lr, or use "
             "seed_cnn_bn (batch norm) or a warm-up schedule"
         )
 

@@ -100,3 +100,12 @@ def test_run_steps_leaves_the_batch_source_open(cache_dir):
         losses, _ = run_steps(step, source, 2, epoch=0)
         assert len(losses) == 2
     assert len(drawn) == 6
+
+
+def test_divergence_names_the_step_within_the_epoch():
+    from imgclf.files import PipelineError
+    from imgclf.train import _check_finite
+
+    _check_finite(torch.tensor([1.0, 2.0]), epoch=0, first_step=5)
+    with pytest.raises(PipelineError, match=r"at epoch 3, step 13;"):
+        _check_finite(torch.tensor([1.0, 1.0, float("nan"), float("inf")]), epoch=2, first_step=10)
