@@ -91,18 +91,3 @@ class Augmenter:
             pos = mask.nonzero().squeeze(1)
             out[pos] = out[pos].flip(-1)
         return out
-
-
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crops of the reflect-padded batch (see :class:`Augmenter`)."""
-    return Augmenter(images, crop_padding=padding, flip=False)(torch.arange(len(images), device=images.device), generator)
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    return Augmenter(images, crop_padding=0, flip=True)(torch.arange(len(images), device=images.device), generator)
-
-
-def augment(images: torch.Tensor, *, crop_padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """The training augmentation of a whole uint8 batch at once."""
-    return Augmenter(images, crop_padding=crop_padding, flip=flip)(torch.arange(len(images), device=images.device), generator)

@@ -14,7 +14,13 @@ from imgclf.download import fetch, local_path, source_name
 from imgclf.files import PipelineError, atomic_path, file_digest
 from imgclf.params import Params, TrainParams, load_params
 from imgclf.train import lr_factor, resolve_precision
-from imgclf.transforms import augment, channel_stats, random_crop, random_flip, tutorial_transform
+from imgclf.transforms import Augmenter, channel_stats, tutorial_transform
+
+
+def augment_all(images: torch.Tensor, *, crop_padding: int, flip: bool, seed: int) -> torch.Tensor:
+    """The augmentation of every image, in order (no permutation)."""
+    augmenter = Augmenter(images, crop_padding=crop_padding, flip=flip)
+    return augmenter(torch.arange(len(images)), torch.Generator().manual_seed(seed))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +45,7 @@ def test_channel_stats_match_a_direct_computation():
 
 def test_random_crop_is_a_shifted_window_of_the_reflect_padded_image():
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = random_crop(images, 2, torch.Generator().manual_seed(1))
+    out = augment_all(images, crop_padding=2, flip=False, seed=1)
     padded = nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
     offsets = set()
     for img, pad in zip(out, padded):
@@ -47,12 +53,12 @@ def test_random_crop_is_a_shifted_window_of_the_reflect_padded_image():
         assert found, "crop is not a window of the padded image"
         offsets.add(found[0])
     assert len(offsets) > 10  # offsets vary across the batch
-    assert torch.equal(random_crop(images, 0, torch.Generator()), images)
+    assert torch.equal(augment_all(images, crop_padding=0, flip=False, seed=0), images)
 
 
 def test_random_flip_mirrors_about_half():
     images = torch.randint(0, 256, (400, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = random_flip(images, torch.Generator().manual_seed(0))
+    out = augment_all(images, crop_padding=0, flip=True, seed=0)
     flipped = torch.tensor([torch.equal(o, i.flip(-1)) and not torch.equal(o, i) for o, i in zip(out, images)])
     same = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
     assert bool((flipped | same).all()) and 150 < int(flipped.sum()) < 250
@@ -60,8 +66,8 @@ def test_random_flip_mirrors_about_half():
 
 def test_augmentation_is_a_function_of_the_generator_seed():
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    a = augment(images, crop_padding=2, flip=True, generator=torch.Generator().manual_seed(5))
-    b = augment(images, crop_padding=2, flip=True, generator=torch.Generator().manual_seed(5))
+    a = augment_all(images, crop_padding=2, flip=True, seed=5)
+    b = augment_all(images, crop_padding=2, flip=True, seed=5)
     assert torch.equal(a, b)
 
 
