@@ -8,7 +8,8 @@ import os
 from imgclf import paths
 from imgclf.cli import run_stage
 from imgclf.params import load_params
-from imgclf.train import TrainPaths, launch_processes, train
+from imgclf.distributed import launch_processes
+from imgclf.train import TrainPaths, train
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf.params import DataParams, ModelParams, PreprocessParams, TrainParams
+from imgclf.params import ModelParams, PreprocessParams, TrainParams
 from imgclf.preprocess import preprocess
 from imgclf.runtime import cpu_supports_bf16
 from imgclf.train import TrainPaths, train
@@ -19,7 +19,7 @@ from imgclf.train import TrainPaths, train
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, cifar_archive) -> Path:
     out = tmp_path_factory.mktemp("cache") / "processed"
-    preprocess(cifar_archive, out, DataParams(), PreprocessParams())
+    preprocess(cifar_archive, out, PreprocessParams())
     return out
 
 
@@ -83,9 +83,9 @@ def test_checkpoint_of_other_params_is_ignored(cache_dir, tmp_path):
 def test_run_steps_leaves_the_batch_source_open(cache_dir):
     """Several calls can draw from one endless source of batches (as the benchmark does)."""
     from imgclf import models
-    from imgclf.train import make_step, run_steps
+    from imgclf.step import make_step, run_steps
 
-    model = models.build("seed_cnn", models.arch_args("seed_cnn", num_classes=10, image_size=32), [0.5] * 3, [0.2] * 3)
+    model = models.build("seed_cnn", models.arch_args(ModelParams(arch="seed_cnn"), num_classes=10, image_size=32), [0.5] * 3, [0.2] * 3)
     t = TrainParams(device="cpu", precision="fp32")
     step = make_step(model, t, torch.device("cpu"), None, total_steps=100, steps_per_epoch=10)
     drawn = []
@@ -104,8 +104,42 @@ def test_run_steps_leaves_the_batch_source_open(cache_dir):
 
 def test_divergence_names_the_step_within_the_epoch():
     from imgclf.files import PipelineError
-    from imgclf.train import _check_finite
+    from imgclf.step import check_finite
 
-    _check_finite(torch.tensor([1.0, 2.0]), epoch=0, first_step=5)
+    check_finite(torch.tensor([1.0, 2.0]), epoch=0, first_step=5)
     with pytest.raises(PipelineError, match=r"at epoch 3, step 13;"):
-        _check_finite(torch.tensor([1.0, 1.0, float("nan"), float("inf")]), epoch=2, first_step=10)
+        check_finite(torch.tensor([1.0, 1.0, float("nan"), float("inf")]), epoch=2, first_step=10)
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_training_starts_fresh(cache_dir, tmp_path, caplog):
+    """A checkpoint cut short (a power loss after the rename) must not block training."""
+    fresh, fresh_state = run(cache_dir, tmp_path / "fresh", epochs=2)
+    out = tmp_path / "damaged"
+    out.mkdir()
+    from imgclf import checkpoint
+    from imgclf.params import ModelParams as MP
+
+    whole = tmp_path / "whole.pt"
+    checkpoint.save(whole, fingerprint="x", epoch=0, history=[], model=torch.nn.Linear(2, 2), step_state={},
+                    model_params=MP(), t=TrainParams())
+    (out / "ckpt.pt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        metrics, state = run(cache_dir, out, epochs=2)
+    assert "does not load" in caplog.text and "training starts fresh" in caplog.text
+    assert [p.name.startswith("ckpt.pt.damaged-") for p in out.iterdir() if p.name.startswith("ckpt")] == [True]
+    assert metrics["train_loss"] == fresh["train_loss"]
+    assert all(torch.equal(state[k], fresh_state[k]) for k in state)
+
+
+def test_checkpoint_loads_without_unpickling_code_and_carries_its_params(cache_dir, tmp_path):
+    """weights_only=True loads it; the params it was made with are inside, readable alone."""
+    from imgclf import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, fingerprint="f", epoch=3, history=[{"epoch": 4.0}], model=model, step_state={},
+                    model_params=ModelParams(arch="resnet_fast", width=16), t=TrainParams(lr=0.2))
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["params"]["model"]["arch"] == "resnet_fast" and ckpt["params"]["train"]["lr"] == 0.2
+    assert checkpoint.load(path, "f", torch.device("cpu"))["epoch"] == 3
+    assert checkpoint.load(path, "other", torch.device("cpu")) is None and path.exists()
