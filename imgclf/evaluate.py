@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bundle import model_from_bundle, read_bundle
 from .dataset import load_cache
-from .export import model_from_bundle, read_bundle
 from .files import atomic_path, write_json
 from .params import EvaluateParams
 from .runtime import predict_logits, resolve_device

@@ -1,89 +1,23 @@
-"""Saving and loading models both ways (tutorial §4.10).
+"""The export stage's work: both files of tutorial §4.10, proven to reload and agree.
 
-* ``torch.save(model)`` pickles the whole module. Loading needs ``weights_only=False``, which
-  runs arbitrary code from the file, and the model's classes importable (``imgclf``): for
-  files you trust only.
-* ``torch.save(state_dict)`` stores tensors only, loadable with ``weights_only=True``. Our
-  file also carries what is needed to rebuild and use the model: the architecture name and
-  arguments, class names and the normalisation mean and std.
+``models/model.pt`` is ``torch.save(model)``; ``models/model_state.pt`` the state_dict bundle
+of :mod:`imgclf.bundle`. Both are loaded in a fresh Python process and must give the trained
+model's logits exactly.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .bundle import load_state_dict_model, load_whole_model, model_from_bundle, read_bundle
 from .files import PipelineError, atomic_path
-from .models import Classifier, build
-
-FORMAT = "imgclf-state-dict"
-VERSION = 1
-
-
-def make_bundle(model: Classifier, *, arch: str, arch_args: dict[str, Any], classes: list[str],
-                mean: list[float], std: list[float], image_size: int) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "arch": arch,
-        "arch_args": dict(arch_args),
-        "classes": list(classes),
-        "mean": list(mean),
-        "std": list(std),
-        "image_size": int(image_size),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-
-
-def save_state_bundle(bundle: dict[str, Any], path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(bundle, tmp)
-
-
-def save_whole_model(model: Classifier, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(model, tmp)
-
-
-def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a state_dict file safely (``weights_only=True``: tensors and plain data only)."""
-    path = Path(path)
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: no such model file (run `dvc repro export`)") from None
-    except Exception as e:
-        raise PipelineError(f"{path}: not a loadable state_dict file ({type(e).__name__}: {e})") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
-        raise PipelineError(f"{path}: not an {FORMAT} file (missing 'format': {FORMAT!r})")
-    if bundle.get("version") != VERSION:
-        raise PipelineError(f"{path}: format version {bundle.get('version')} is not supported (expected {VERSION})")
-    return bundle
-
-
-def model_from_bundle(bundle: dict[str, Any]) -> Classifier:
-    args = dict(bundle["arch_args"])
-    args.pop("pretrained", None)  # the trained weights replace any pretrained ones
-    model = build(bundle["arch"], args, bundle["mean"], bundle["std"])
-    model.load_state_dict(bundle["state_dict"])
-    return model.eval()
-
-
-def load_state_dict_model(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the model from a state_dict file; returns ``(model, bundle)``."""
-    bundle = read_bundle(path)
-    return model_from_bundle(bundle), bundle
-
-
-def load_whole_model(path: str | os.PathLike) -> Classifier:
-    """Unpickle a whole-model file. Runs code from the file: trusted files only."""
-    return torch.load(path, map_location="cpu", weights_only=False).eval()
-
-
-# --- The export stage --------------------------------------------------------------------
 
 
 def _logits_of_both(whole_path: str, state_path: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -100,10 +34,6 @@ def verify_in_fresh_process(whole_path: Path, state_path: Path, images: torch.Te
     A fresh process proves the files stand alone: nothing of this process's state (the
     model object, imported-but-unsaved classes) can make them look loadable.
     """
-    import subprocess
-    import sys
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
         torch.save(images, inp)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import paths as project_paths
-from .export import load_state_dict_model, load_whole_model, read_bundle
+from .bundle import load_state_dict_model, load_whole_model, read_bundle
 from .files import PipelineError
 from .imagefolder import IMAGE_SUFFIXES, ImageFileError, load_image_file
 

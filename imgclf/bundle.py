@@ -1,0 +1,75 @@
+"""The model bundle: the format a trained model travels in (make, read, rebuild).
+
+Tutorial §4.10 saves and loads a model two ways:
+
+* ``torch.save(model)`` pickles the whole module. Loading needs ``weights_only=False``, which
+  runs arbitrary code from the file, and the model's classes importable (``imgclf``): for
+  files you trust only.
+* ``torch.save(state_dict)`` stores tensors only, loadable with ``weights_only=True``. Our
+  file also carries what is needed to rebuild and use the model: the architecture name and
+  arguments, class names and the normalisation mean and std.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import PipelineError
+from .models import Classifier, build
+
+FORMAT = "imgclf-state-dict"
+VERSION = 1
+
+
+def make_bundle(model: Classifier, *, arch: str, arch_args: dict[str, Any], classes: list[str],
+                mean: list[float], std: list[float], image_size: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": arch,
+        "arch_args": dict(arch_args),
+        "classes": list(classes),
+        "mean": list(mean),
+        "std": list(std),
+        "image_size": int(image_size),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state_dict file safely (``weights_only=True``: tensors and plain data only)."""
+    path = Path(path)
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such model file (run `dvc repro export`)") from None
+    except Exception as e:
+        raise PipelineError(f"{path}: not a loadable state_dict file ({type(e).__name__}: {e})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        raise PipelineError(f"{path}: not an {FORMAT} file (missing 'format': {FORMAT!r})")
+    if bundle.get("version") != VERSION:
+        raise PipelineError(f"{path}: format version {bundle.get('version')} is not supported (expected {VERSION})")
+    return bundle
+
+
+def model_from_bundle(bundle: dict[str, Any]) -> Classifier:
+    args = dict(bundle["arch_args"])
+    args.pop("pretrained", None)  # the trained weights replace any pretrained ones
+    model = build(bundle["arch"], args, bundle["mean"], bundle["std"])
+    model.load_state_dict(bundle["state_dict"])
+    return model.eval()
+
+
+def load_state_dict_model(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model from a state_dict file; returns ``(model, bundle)``."""
+    bundle = read_bundle(path)
+    return model_from_bundle(bundle), bundle
+
+
+def load_whole_model(path: str | os.PathLike) -> Classifier:
+    """Unpickle a whole-model file. Runs code from the file: trusted files only."""
+    return torch.load(path, map_location="cpu", weights_only=False).eval()
