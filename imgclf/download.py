@@ -27,9 +27,9 @@ CHUNK = 1 << 20  # bytes per read: large enough that Python overhead is negligib
 
 def _mirror_hint() -> str:
     return (
-        "Point data.url at a mirror or a local copy instead, e.g.\n"
-        "  dvc exp run -S 'data.url=/path/to/cifar-10-python.tar.gz'\n"
-        "or edit data.url in params.yaml (a file:// URL or a plain path both work)."
+        "Point download.url at a mirror or a local copy instead, e.g.\n"
+        "  dvc exp run -S 'download.url=/path/to/cifar-10-python.tar.gz'\n"
+        "or edit download.url in params.yaml (a file:// URL or a plain path both work)."
     )
 
 
@@ -42,7 +42,7 @@ def local_path(url: str) -> Path | None:
         return None
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive
         raise PipelineError(
-            f"data.url = {url!r}: unsupported scheme {parsed.scheme!r}; "
+            f"download.url = {url!r}: unsupported scheme {parsed.scheme!r}; "
             "use http(s)://, file:// or a local path"
         )
     return Path(url).expanduser()
@@ -127,8 +127,8 @@ def fetch(url: str, out_dir: str | os.PathLike, *, md5: str = "", timeout: float
         elif path.is_dir():
             if md5:
                 raise PipelineError(
-                    f"data.url = {url!r} is a folder; data.md5 applies to archive files only. "
-                    "Set data.md5 to '' for a folder source."
+                    f"download.url = {url!r} is a folder; download.md5 applies to archive files only. "
+                    "Set download.md5 to '' for a folder source."
                 )
             log.info("packing folder %s", path)
             digest = _pack_folder(path, dst)
@@ -138,28 +138,14 @@ def fetch(url: str, out_dir: str | os.PathLike, *, md5: str = "", timeout: float
                 digest = _copy_stream(src, out, path.stat().st_size, "copy")
         else:
             raise PipelineError(
-                f"data.url = {url!r}: no such file or folder ({path.resolve()}). "
+                f"download.url = {url!r}: no such file or folder ({path.resolve()}). "
                 + _mirror_hint()
             )
         if md5 and digest != md5:
             raise PipelineError(
                 f"checksum mismatch for {url}: expected md5 {md5}, got {digest}. "
                 "The file is corrupt or not the dataset; nothing was written. "
-                "If you trust this source, set data.md5 to its checksum."
+                "If you trust this source, set download.md5 to its checksum."
             )
         log.info("wrote %s (%d bytes, md5 %s)", out_dir / name, dst.stat().st_size, digest)
     return out_dir / name
-
-
-def find_archive(raw_dir: str | os.PathLike) -> Path:
-    """The one archive the download stage left in ``raw_dir``."""
-    raw_dir = Path(raw_dir)
-    files = sorted(p for p in raw_dir.glob("*") if p.is_file()) if raw_dir.is_dir() else []
-    if len(files) != 1:
-        raise PipelineError(
-            f"{raw_dir}: expected exactly one archive from the download stage, found "
-            f"{len(files)} ({', '.join(p.name for p in files) or 'none'}); run `dvc repro download`"
-        )
-    return files[0]
-
-

@@ -8,13 +8,27 @@ prediction cannot disagree about it.
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+# Every architecture ``model.arch`` can name: ``@architecture`` on its builder is the one edit
+# that adds one. A builder takes ``num_classes`` and ``image_size`` first; any further
+# keyword must be a ``model`` param of the same name (e.g. ``width``), passed from params.yaml
+# and stored with the exported weights.
+ARCHS: dict[str, Callable[..., nn.Module]] = {}
 
+
+def architecture(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    ARCHS[fn.__name__] = fn
+    return fn
+
+
+@architecture
 def seed_cnn(num_classes: int = 10, image_size: int = 32) -> nn.Sequential:
     """The tutorial's CIFAR-10 network (§4.8), layer for layer and name for name.
 
@@ -40,6 +54,7 @@ def seed_cnn(num_classes: int = 10, image_size: int = 32) -> nn.Sequential:
     )
 
 
+@architecture
 def seed_cnn_bn(num_classes: int = 10, image_size: int = 32) -> nn.Sequential:
     """The same shape with BatchNorm + ReLU after each convolution and a ReLU between the
     linear layers: the non-linearity §4.4 says a deep network needs."""
@@ -60,6 +75,7 @@ def seed_cnn_bn(num_classes: int = 10, image_size: int = 32) -> nn.Sequential:
     return nn.Sequential(OrderedDict(layers))
 
 
+@architecture
 def vgg16(num_classes: int = 10, image_size: int = 32, pretrained: bool = False) -> nn.Module:
     """torchvision's VGG16 modified as in §4.9: the last classifier layer is replaced.
 
@@ -112,6 +128,7 @@ class _Scale(nn.Module):
         return x * self.factor
 
 
+@architecture
 def resnet_fast(num_classes: int = 10, image_size: int = 32, width: int = 64) -> nn.Sequential:
     """A small batch-normalised residual net in the style of the CIFAR-10 speed records
     (ResNet-9 of the DAWNBench entries, airbench): three stages at widths w, 2w, 4w with a
@@ -137,9 +154,6 @@ def resnet_fast(num_classes: int = 10, image_size: int = 32, width: int = 64) ->
     )
 
 
-ARCHS = {"seed_cnn": seed_cnn, "seed_cnn_bn": seed_cnn_bn, "vgg16": vgg16, "resnet_fast": resnet_fast}
-
-
 class Classifier(nn.Module):
     """A network plus the normalisation it was trained with.
 
@@ -163,19 +177,23 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x))
 
 
-def arch_args(arch: str, *, num_classes: int, image_size: int, pretrained: bool = False, width: int = 64) -> dict[str, Any]:
-    """The keyword arguments ``arch`` is built with (stored with the exported weights)."""
+def arch_args(model_params: Any, *, num_classes: int, image_size: int) -> dict[str, Any]:
+    """The keyword arguments ``model_params.arch`` is built with (stored with the weights):
+    ``num_classes`` and ``image_size``, plus every ``model`` param its function takes."""
+    fn = ARCHS[check_arch(model_params.arch)]
     args: dict[str, Any] = {"num_classes": num_classes, "image_size": image_size}
-    if arch == "vgg16":
-        args["pretrained"] = pretrained
-    if arch == "resnet_fast":
-        args["width"] = width
+    for name in list(inspect.signature(fn).parameters)[2:]:
+        args[name] = getattr(model_params, name)
     return args
 
 
-def build(arch: str, args: dict[str, Any], mean: list[float], std: list[float]) -> Classifier:
+def check_arch(arch: str) -> str:
     if arch not in ARCHS:
         from .files import PipelineError
 
-        raise PipelineError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    return Classifier(ARCHS[arch](**args), mean, std)
+        raise PipelineError(f"model.arch = {arch!r}: unknown architecture; known: {', '.join(ARCHS)}")
+    return arch
+
+
+def build(arch: str, args: dict[str, Any], mean: list[float], std: list[float]) -> Classifier:
+    return Classifier(ARCHS[check_arch(arch)](**args), mean, std)

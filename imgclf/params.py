@@ -30,15 +30,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataParams(_Section):
-    dataset: Literal["cifar10", "imagefolder"] = "cifar10"
-    # http(s):// or file:// URL, or a local path (file, or folder for `imagefolder`).
+class DownloadParams(_Section):
+    # http(s):// or file:// URL, or a local path (an archive, or a folder of class folders).
     url: str = OFFICIAL_URL
     # Expected md5 of the fetched archive; "" skips the check (e.g. a folder source).
     md5: str = OFFICIAL_MD5
     timeout: float = Field(30.0, gt=0, le=600)  # seconds per network operation
-    image_size: int = Field(32, ge=8, le=1024)  # pixels, square
-    bad_images: Literal["fail", "skip"] = "fail"
 
     @field_validator("md5")
     @classmethod
@@ -57,12 +54,15 @@ class DataParams(_Section):
 
 
 class PreprocessParams(_Section):
-    sample_images: int = Field(64, ge=0, le=1024)  # images in the TensorBoard grid
+    dataset: Literal["cifar10", "imagefolder"] = "cifar10"
+    image_size: int = Field(32, ge=8, le=1024)  # pixels, square
+    bad_images: Literal["fail", "skip"] = "fail"  # imagefolder: corrupt or non-image files
     workers: int = Field(0, ge=0, le=256)  # image-decoding threads; 0 = one per core
+    sample_images: int = Field(64, ge=0, le=1024)  # images in the TensorBoard grid
 
 
 class ModelParams(_Section):
-    arch: Literal["seed_cnn", "seed_cnn_bn", "vgg16", "resnet_fast"] = "seed_cnn_bn"
+    arch: str = "seed_cnn_bn"  # a name in imgclf.models.ARCHS (checked by the train stage)
     pretrained: bool = False  # vgg16 only: ImageNet weights (needs a download)
     width: int = Field(64, ge=8, le=1024)  # resnet_fast only: channels of the first block
 
@@ -114,7 +114,7 @@ class ExportParams(_Section):
 
 
 class Params(_Section):
-    data: DataParams = DataParams()
+    download: DownloadParams = DownloadParams()
     preprocess: PreprocessParams = PreprocessParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()

@@ -1,6 +1,11 @@
 """Every path a stage reads or writes, in one place (dvc.yaml declares the same paths)."""
 
+from __future__ import annotations
+
+import os
 from pathlib import Path
+
+from .files import PipelineError
 
 PARAMS = Path("params.yaml")
 SOURCE_DIR = Path("data/source")  # users' own folders/archives: a declared dependency
@@ -20,3 +25,15 @@ EVAL_METRICS = METRICS_DIR / "eval.json"
 PREDICTIONS = METRICS_DIR / "predictions.csv"
 EXPORT_METRICS = METRICS_DIR / "export.json"
 TRAIN_CHECKPOINT = CHECKPOINT_DIR / "train.pt"
+
+
+def find_archive(raw_dir: str | os.PathLike = RAW_DIR) -> Path:
+    """The one archive the download stage left in ``raw_dir``."""
+    raw_dir = Path(raw_dir)
+    files = sorted(p for p in raw_dir.glob("*") if p.is_file()) if raw_dir.is_dir() else []
+    if len(files) != 1:
+        raise PipelineError(
+            f"{raw_dir}: expected exactly one archive from the download stage, found "
+            f"{len(files)} ({', '.join(p.name for p in files) or 'none'}); run `dvc repro download`"
+        )
+    return files[0]

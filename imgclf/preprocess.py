@@ -12,19 +12,19 @@ import torch
 from . import cifar
 from .dataset import Cache, RawDataset, Split, save_cache
 from .files import PipelineError, atomic_path
-from .params import DataParams, PreprocessParams
+from .params import PreprocessParams
 from .transforms import channel_stats, resize
 
 log = logging.getLogger(__name__)
 
 
-def read_dataset(archive: Path, data: DataParams, pre: PreprocessParams) -> RawDataset:
-    if data.dataset == "cifar10":
+def read_dataset(archive: Path, pre: PreprocessParams) -> RawDataset:
+    if pre.dataset == "cifar10":
         return cifar.read_archive(archive)
     from . import imagefolder  # OpenCV is only needed for image folders
 
     return imagefolder.read_archive(
-        archive, image_size=data.image_size, bad_images=data.bad_images, workers=pre.workers
+        archive, image_size=pre.image_size, bad_images=pre.bad_images, workers=pre.workers
     )
 
 
@@ -42,24 +42,23 @@ def write_sample_grid(images: torch.Tensor, log_dir: str | os.PathLike) -> None:
 def preprocess(
     archive: str | os.PathLike,
     out_dir: str | os.PathLike,
-    data: DataParams,
     pre: PreprocessParams,
     log_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Decode, resize and cache the dataset; return what was measured."""
     t0 = time.perf_counter()
-    raw = read_dataset(Path(archive), data, pre)
+    raw = read_dataset(Path(archive), pre)
     t_read = time.perf_counter() - t0
     if len(raw.train) == 0 or len(raw.test) == 0:
         raise PipelineError(
             f"{archive}: the dataset needs images in both splits; found "
             f"{len(raw.train)} train and {len(raw.test)} test images"
         )
-    train = Split(resize(raw.train.images, data.image_size), raw.train.labels)
-    test = Split(resize(raw.test.images, data.image_size), raw.test.labels)
+    train = Split(resize(raw.train.images, pre.image_size), raw.train.labels)
+    test = Split(resize(raw.test.images, pre.image_size), raw.test.labels)
     mean, std = channel_stats(train.images)
-    cache = Cache(train=train, test=test, classes=raw.classes, mean=mean, std=std, image_size=data.image_size)
-    save_cache(cache, out_dir, extra_meta={"dataset": data.dataset, "source": Path(archive).name})
+    cache = Cache(train=train, test=test, classes=raw.classes, mean=mean, std=std, image_size=pre.image_size)
+    save_cache(cache, out_dir, extra_meta={"dataset": pre.dataset, "source": Path(archive).name})
     if log_dir is not None:
         write_sample_grid(train.images[: pre.sample_images], log_dir)
     seconds = time.perf_counter() - t0
@@ -68,7 +67,7 @@ def preprocess(
         "num_train": len(train),
         "num_test": len(test),
         "classes": len(raw.classes),
-        "image_size": data.image_size,
+        "image_size": pre.image_size,
         "read_seconds": round(t_read, 3),
         "seconds": round(seconds, 3),
         "cache_bytes": size,
@@ -78,7 +77,7 @@ def preprocess(
     log.info(
         "preprocessed %d train + %d test images (%d classes, %dpx) in %.2f s (read %.2f s); "
         "cache %.1f MB; mean %s std %s",
-        len(train), len(test), len(raw.classes), data.image_size, seconds, t_read,
+        len(train), len(test), len(raw.classes), pre.image_size, seconds, t_read,
         size / 1e6, stats["mean"], stats["std"],
     )
     return stats

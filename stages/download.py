@@ -1,4 +1,4 @@
-"""Stage `download`: fetch the dataset archive named by data.url into data/raw/, verified."""
+"""Stage `download`: fetch the dataset archive named by download.url into data/raw/, verified."""
 
 from imgclf import paths
 from imgclf.cli import run_stage
@@ -7,8 +7,8 @@ from imgclf.params import load_params
 
 
 def main() -> None:
-    data = load_params(paths.PARAMS).data
-    fetch(data.url, paths.RAW_DIR, md5=data.md5, timeout=data.timeout)
+    d = load_params(paths.PARAMS).download
+    fetch(d.url, paths.RAW_DIR, md5=d.md5, timeout=d.timeout)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,13 @@
 
 from imgclf import paths
 from imgclf.cli import run_stage
-from imgclf.download import find_archive
 from imgclf.params import load_params
 from imgclf.preprocess import preprocess
 
 
 def main() -> None:
-    params = load_params(paths.PARAMS)
-    preprocess(
-        find_archive(paths.RAW_DIR),
-        paths.PROCESSED_DIR,
-        params.data,
-        params.preprocess,
-        log_dir=paths.LOGS_DIR / "preprocess",
-    )
+    pre = load_params(paths.PARAMS).preprocess
+    preprocess(paths.find_archive(paths.RAW_DIR), paths.PROCESSED_DIR, pre, log_dir=paths.LOGS_DIR / "preprocess")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 
 from imgclf.files import file_digest
 
-from conftest import run_env
+from helpers import run_env
 
 COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (210, 60, 30)}  # BGR, as OpenCV writes
 

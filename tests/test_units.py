@@ -12,9 +12,11 @@ from torch import nn
 from imgclf import models
 from imgclf.download import fetch, local_path, source_name
 from imgclf.files import PipelineError, atomic_path, file_digest
-from imgclf.params import Params, TrainParams, load_params
-from imgclf.train import lr_factor, resolve_precision
-from imgclf.transforms import Augmenter, channel_stats, tutorial_transform
+from imgclf.params import ModelParams, Params, TrainParams, load_params
+from imgclf.runtime import resolve_precision
+from imgclf.step import lr_factor
+from imgclf.transforms import Augmenter, channel_stats
+from imgclf.tutorial import tutorial_transform
 
 
 def augment_all(images: torch.Tensor, *, crop_padding: int, flip: bool, seed: int) -> torch.Tensor:
@@ -96,7 +98,7 @@ def test_seed_cnn_is_the_tutorials_network():
 @pytest.mark.parametrize("arch", ["seed_cnn_bn", "resnet_fast"])
 @pytest.mark.parametrize("size,classes", [(32, 10), (48, 3)])
 def test_models_take_any_size_and_class_count(arch, size, classes):
-    args = models.arch_args(arch, num_classes=classes, image_size=size, width=8)
+    args = models.arch_args(ModelParams(arch=arch, width=8), num_classes=classes, image_size=size)
     m = models.build(arch, args, [0.5] * 3, [0.2] * 3)
     assert m(torch.zeros(2, 3, size, size, dtype=torch.uint8)).shape == (2, classes)
 
