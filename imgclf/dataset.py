@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,14 +97,3 @@ def load_cache(cache_dir: str | os.PathLike, splits: tuple[str, ...] = ("train",
         std=list(meta["std"]),
         image_size=int(meta["image_size"]),
     )
-
-
-def timed_load(cache_dir: str | os.PathLike) -> tuple[Cache, float]:
-    """Load the cache fully into memory and return it with the seconds it took."""
-    t0 = time.perf_counter()
-    cache = load_cache(cache_dir)
-    # Touch every page so the figure includes the read, not just the mmap call.
-    for s in (cache.train, cache.test):
-        s.images = s.images.clone()
-        s.labels = s.labels.clone()
-    return cache, time.perf_counter() - t0

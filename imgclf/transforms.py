@@ -2,8 +2,8 @@
 
 Everything here works on whole uint8 batches ``(N, 3, H, W)`` on whatever device holds them;
 there is no per-image Python. The tutorial's per-image ``v2`` pipeline
-(``ToImage -> ToDtype(float32, scale=True) -> Normalize``) is the reference these batched
-versions are tested against.
+(:func:`imgclf.tutorial.tutorial_transform`) is the reference these batched versions are
+tested against.
 """
 
 from __future__ import annotations
@@ -12,11 +12,6 @@ import torch
 from torchvision.transforms import v2
 
 CHUNK = 4096  # images per step when streaming over a split: bounds the float32 working set
-
-
-def tutorial_transform(mean: list[float], std: list[float]) -> v2.Compose:
-    """The tutorial's transform (§1, §2): image -> float in [0, 1] -> normalised."""
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,44 +1,23 @@
 """Shared fixtures: tiny official-format archives, a local HTTP server, a project copy.
 
-Everything is built here, in the official formats, and served from 127.0.0.1: the suite
-never touches the network.
+The helpers they use (and the tests import) live in ``helpers.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
-import io
-import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import threading
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-from imgclf.cifar import write_archive
-from imgclf.dataset import Split
+from imgclf.cifar_writer import write_archive
 from imgclf.files import file_digest
 
-ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-# What a project copy needs: the pipeline definition, the code, the DVC config.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "data/source/README.md", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
-
-
-def make_split(n: int, seed: int, num_classes: int = 10, size: int = 32) -> Split:
-    """Learnable tiny images: each class has its own colour (the same in every split), plus noise."""
-    base = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234)) * 200 + 20
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % num_classes
-    noise = torch.randn(n, 3, size, size, generator=g) * 20
-    images = (base[labels] + noise).clamp(0, 255).to(torch.uint8)
-    return Split(images=images, labels=labels)
+from helpers import CLASSES, FAST_TRAIN, Project, copy_project, make_split
+from helpers import make_tar, run_env, ROOT  # noqa: F401  (kept importable from conftest)
 
 
 @pytest.fixture(scope="session")
@@ -52,21 +31,6 @@ def cifar_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cifar_archive(cifar_dir) -> Path:
     return cifar_dir / "cifar-10-python.tar.gz"
-
-
-def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz", links: dict[str, tuple[bytes, str]] | None = None) -> Path:
-    """``links``: name -> (tarfile.SYMTYPE or LNKTYPE, target)."""
-    with tarfile.open(path, mode) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, (kind, target) in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.linkname = target
-            tar.addfile(info)
-    return path
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -92,84 +56,13 @@ def http_server(http_root, cifar_archive) -> str:
     server.server_close()
 
 
-def run_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Stage commands call `python`: make it this interpreter (the project's venv).
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.invalid"
-    return env
-
-
-class Project:
-    """A throwaway copy of the project, a git repo with DVC, driven by real commands."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            list(args), cwd=self.path, env=run_env(), capture_output=True, text=True, timeout=timeout
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(args)} failed with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-            )
-        return proc
-
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, "-m", "dvc", *args, check=check)
-
-    def git(self, *args: str) -> subprocess.CompletedProcess:
-        return self.run("git", *args)
-
-    def params(self) -> dict:
-        return yaml.safe_load((self.path / "params.yaml").read_text())
-
-    def set_params(self, **sections) -> None:
-        """set_params(train={"epochs": 1}) merges into params.yaml."""
-        p = self.params()
-        for section, values in sections.items():
-            p.setdefault(section, {})
-            for k, v in values.items():
-                if isinstance(v, dict):
-                    p[section].setdefault(k, {}).update(v)
-                else:
-                    p[section][k] = v
-        (self.path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-
-    def ran_stages(self, proc: subprocess.CompletedProcess) -> list[str]:
-        """Names of the stages `dvc repro` actually ran (from its output)."""
-        return [
-            line.split("'")[1]
-            for line in proc.stdout.splitlines()
-            if line.startswith("Running stage '")
-        ]
-
-
-# Small, fast settings for the later stages so a whole `dvc repro` takes seconds.
-FAST_TRAIN = {"epochs": 2, "batch_size": 50, "lr": 0.02, "threads": 1, "device": "cpu", "precision": "fp32"}
-
-
 @pytest.fixture
 def project(tmp_path, http_server, cifar_archive) -> Project:
-    dst = tmp_path / "proj"
-    for rel in PROJECT_FILES:
-        src = ROOT / rel
-        if not src.exists():
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, target)
-    proj = Project(dst)
-    sections = {"data": {"url": f"{http_server}/{cifar_archive.name}", "md5": file_digest(cifar_archive)}}
-    if "train" in proj.params() or (ROOT / "stages" / "train.py").exists():
-        sections["train"] = FAST_TRAIN
-    proj.set_params(**sections)
+    """A copy of the project as a fresh git repo, downloading the tiny archive over HTTP and
+    training with FAST_TRAIN."""
+    proj = Project(copy_project(tmp_path / "proj"))
+    proj.set_params(download={"url": f"{http_server}/{cifar_archive.name}", "md5": file_digest(cifar_archive)},
+                    train=FAST_TRAIN)
     proj.git("init", "-q", "-b", "main")
     proj.git("add", "-A")
     proj.git("commit", "-q", "-m", "project copy")

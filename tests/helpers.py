@@ -1,0 +1,134 @@
+"""What the tests share besides fixtures: tiny data in the official formats, and `Project`,
+a throwaway copy of the project driven by real `dvc` and `git` commands.
+
+Everything is built here and served from 127.0.0.1: the suite never touches the network.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from imgclf.dataset import Split
+from imgclf.files import atomic_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# What a project copy needs: the pipeline definition, the code, the DVC config.
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "data/source/README.md", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+# Small, fast settings for the later stages so a whole `dvc repro` takes seconds.
+FAST_TRAIN = {"epochs": 2, "batch_size": 50, "lr": 0.02, "threads": 1, "device": "cpu", "precision": "fp32"}
+
+
+def make_split(n: int, seed: int, num_classes: int = 10, size: int = 32) -> Split:
+    """Learnable tiny images: each class has its own colour (the same in every split), plus noise."""
+    base = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234)) * 200 + 20
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    noise = torch.randn(n, 3, size, size, generator=g) * 20
+    images = (base[labels] + noise).clamp(0, 255).to(torch.uint8)
+    return Split(images=images, labels=labels)
+
+
+def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz", links: dict[str, tuple[bytes, str]] | None = None) -> Path:
+    """``links``: name -> (tarfile.SYMTYPE or LNKTYPE, target)."""
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, (kind, target) in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = target
+            tar.addfile(info)
+    return path
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Stage commands call `python`: make it this interpreter (the project's venv).
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.invalid"
+    return env
+
+
+class Project:
+    """A throwaway copy of the project, a git repo with DVC, driven by real commands."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            list(args), cwd=self.path, env=run_env(), capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} failed with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            )
+        return proc
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def git(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run("git", *args)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def set_params(self, **sections) -> None:
+        """set_params(train={"epochs": 1}) merges into params.yaml."""
+        p = self.params()
+        for section, values in sections.items():
+            p.setdefault(section, {})
+            for k, v in values.items():
+                if isinstance(v, dict):
+                    p[section].setdefault(k, {}).update(v)
+                else:
+                    p[section][k] = v
+        (self.path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+    def ran_stages(self, proc: subprocess.CompletedProcess) -> list[str]:
+        """Names of the stages `dvc repro` actually ran (from its output)."""
+        return [
+            line.split("'")[1]
+            for line in proc.stdout.splitlines()
+            if line.startswith("Running stage '")
+        ]
+
+
+def copy_project(dst: Path) -> Path:
+    """Copy what a project needs (PROJECT_FILES) from this checkout to ``dst``."""
+    for rel in PROJECT_FILES:
+        src = ROOT / rel
+        if not src.exists():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, target)
+    return dst
+
+
+def save_state_bundle(bundle: dict, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(bundle, tmp)
+
+
+def save_whole_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(model, tmp)
