@@ -1,6 +1,8 @@
 """Read CIFAR-10's official python batches straight out of the archive, safely.
 
-The batches are pickles, and a pickle can run arbitrary code on load. :class:`SafeUnpickler`
+The archive is read through :mod:`imgclf.archive`, so a member name that could escape, a tar
+cut at a member boundary or a bad gzip CRC is refused, never taken as a shorter archive. The
+batches are pickles, and a pickle can run arbitrary code on load. :class:`SafeUnpickler`
 admits only the globals that NumPy array reconstruction needs; anything else is refused
 with an error naming the file and the global. The official files were written by Python 2,
 so their keys load as ``b'data'`` with ``encoding='bytes'`` and as ``'data'`` with
@@ -11,14 +13,13 @@ from __future__ import annotations
 
 import io
 import pickle
-import tarfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .archive import iter_members, open_archive
 from .dataset import RawDataset, Split
 from .files import PipelineError
 
@@ -100,19 +101,12 @@ def read_archive(path: str | Path) -> RawDataset:
     path = Path(path)
     wanted = {f"{FOLDER}/{n}" for n in [*TRAIN_BATCHES, TEST_BATCH, META]}
     found: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                name = member.name.removeprefix("./")
-                if name in wanted and member.isfile():
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    found[name] = f.read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise PipelineError(
-            f"{path}: truncated or corrupt archive ({type(e).__name__}: {e}); "
-            "delete it and rerun the download stage, or check data.url"
-        ) from None
+    with open_archive(path) as raw:
+        # Every member's name is checked and the archive read to its proper end, wanted or not:
+        # a truncated or hostile archive fails here, naming the member.
+        for member in iter_members(raw, path):
+            if member.kind == "file" and member.path in wanted:
+                found[member.path] = member.read()
     missing = sorted(wanted - found.keys())
     if missing:
         raise PipelineError(
@@ -140,78 +134,3 @@ def read_archive(path: str | Path) -> RawDataset:
                 f"found {int(split.labels.min())}..{int(split.labels.max())}"
             )
     return RawDataset(train=train, test=test, classes=classes)
-
-
-# --- Writing the official format -------------------------------------------------------
-# Used by the tests (tiny archives of the exact official format) and by
-# tools/make_cifar_archive.py (the real images, repacked for an end-to-end run).
-
-
-class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler lets us override opcodes
-    """Writes protocol-2 pickles as Python 2's cPickle did for the official batches.
-
-    Python 2's ``str`` is a byte string, written with the (SHORT_)BINSTRING opcodes; that is
-    why Python 3 needs ``encoding='bytes'`` or ``'latin1'`` to read the official files.
-    NumPy's reconstructor is named by its Python 2 module path, ``numpy.core.multiarray``.
-    """
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_py2_str(self, obj: str | bytes) -> None:
-        data = obj if isinstance(obj, bytes) else obj.encode("latin1")
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
-        self.memoize(obj)
-
-    dispatch[str] = _save_py2_str
-    dispatch[bytes] = _save_py2_str
-
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        module = getattr(obj, "__module__", None) or "__main__"
-        name = name or obj.__qualname__
-        if module.startswith("numpy._core") or module.startswith("numpy.core"):
-            module = "numpy.core.multiarray" if name == "_reconstruct" else module
-        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("ascii"))
-        self.memoize(obj)
-
-
-def dumps_py2(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
-
-
-def write_archive(path: str | Path, train: Split, test: Split, classes: list[str]) -> None:
-    """Write ``cifar-10-python.tar.gz`` in the official layout from 32x32 uint8 splits."""
-    import gzip
-
-    def batch(split: Split, label: str) -> bytes:
-        n = len(split)
-        return dumps_py2(
-            {
-                b"batch_label": label.encode(),
-                b"labels": [int(v) for v in split.labels],
-                b"data": split.images.reshape(n, PIXELS).numpy().astype(np.uint8),
-                b"filenames": [f"img_{label.replace(' ', '_')}_{i:05d}.png".encode() for i in range(n)],
-            }
-        )
-
-    members: list[tuple[str, bytes]] = []
-    bounds = np.linspace(0, len(train), len(TRAIN_BATCHES) + 1).astype(int)
-    for i, name in enumerate(TRAIN_BATCHES):
-        part = Split(train.images[bounds[i] : bounds[i + 1]], train.labels[bounds[i] : bounds[i + 1]])
-        members.append((name, batch(part, f"training batch {i + 1} of 5")))
-    members.append((TEST_BATCH, batch(test, "testing batch 1 of 1")))
-    per_batch = int(bounds[1] - bounds[0])
-    meta = {b"label_names": [c.encode() for c in classes], b"num_cases_per_batch": per_batch, b"num_vis": PIXELS}
-    members.append((META, dumps_py2(meta)))
-    members.append(("readme.html", b"<meta HTTP-EQUIV=\"REFRESH\" content=\"0; url=https://www.cs.toronto.edu/~kriz/cifar.html\">\n"))
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for name, payload in members:
-                info = tarfile.TarInfo(f"{FOLDER}/{name}")
-                info.size = len(payload)
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(payload))

@@ -31,7 +31,7 @@ import torch
 from . import paths as project_paths
 from .bundle import load_state_dict_model, load_whole_model, read_bundle
 from .files import PipelineError
-from .imagefolder import IMAGE_SUFFIXES, ImageFileError, load_image_file
+from .decode import IMAGE_SUFFIXES, ImageFileError, load_image_file
 
 BATCH_SIZE = 64  # images per forward pass: bounds memory for folders of large images
 

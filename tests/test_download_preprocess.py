@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import pickle
 import socket
@@ -10,8 +12,11 @@ import tarfile
 import pytest
 import torch
 
-from imgclf.cifar import FOLDER, load_pickle, read_archive, write_archive, UnsafePickleError
-from imgclf.files import file_digest
+from imgclf.cifar import FOLDER, load_pickle, read_archive, UnsafePickleError
+from imgclf.cifar_writer import write_archive
+from imgclf.files import PipelineError, file_digest
+from imgclf.params import PreprocessParams
+from imgclf.preprocess import preprocess
 
 from conftest import CLASSES, make_split, make_tar
 
@@ -43,7 +48,7 @@ def test_rerun_rules(project):
     project.dvc("repro", "preprocess")
     assert project.ran_stages(project.dvc("repro", "preprocess")) == []
 
-    project.set_params(data={"image_size": 16})
+    project.set_params(preprocess={"image_size": 16})
     assert project.ran_stages(project.dvc("repro", "preprocess")) == ["preprocess"]
     meta = json.loads((project.path / "data/processed/meta.json").read_text())
     assert meta["image_size"] == 16
@@ -51,16 +56,16 @@ def test_rerun_rules(project):
     assert images.shape == (50, 3, 16, 16) and images.dtype == torch.uint8
 
     # A new data.url (the same archive through file://) reruns both stages.
-    url = project.params()["data"]["url"]
+    url = project.params()["download"]["url"]
     local = project.path.parent / "mirror.tar.gz"
     local.write_bytes((project.path / "data/raw/cifar-10-python.tar.gz").read_bytes())
-    project.set_params(data={"url": local.as_uri()})
+    project.set_params(download={"url": local.as_uri()})
     assert project.ran_stages(project.dvc("repro", "preprocess")) == ["download", "preprocess"]
-    assert url != project.params()["data"]["url"]
+    assert url != project.params()["download"]["url"]
 
 
 def test_plain_local_path_source(project, cifar_archive):
-    project.set_params(data={"url": str(cifar_archive)})
+    project.set_params(download={"url": str(cifar_archive)})
     assert project.ran_stages(project.dvc("repro", "preprocess")) == ["download", "preprocess"]
     assert (project.path / "data/processed/train.pt").exists()
 
@@ -74,7 +79,7 @@ def _assert_failed(proc, *needles):
 
 
 def test_checksum_mismatch_leaves_nothing(project):
-    project.set_params(data={"md5": "0" * 32})
+    project.set_params(download={"md5": "0" * 32})
     proc = project.dvc("repro", "download", check=False)
     _assert_failed(proc, "checksum mismatch", "expected md5 " + "0" * 32, "got ")
     assert not (project.path / "data/raw").exists()
@@ -88,19 +93,56 @@ def _closed_port() -> int:
 
 def test_unreachable_url_fails_fast_with_hint(project):
     url = f"http://127.0.0.1:{_closed_port()}/cifar-10-python.tar.gz"
-    project.set_params(data={"url": url, "timeout": 5})
+    project.set_params(download={"url": url, "timeout": 5})
     proc = project.dvc("repro", "download", check=False)
-    _assert_failed(proc, f"cannot reach {url}", "data.url", "local")
+    _assert_failed(proc, f"cannot reach {url}", "download.url", "local")
     assert not (project.path / "data/raw").exists()
 
 
 def test_truncated_archive_fails_cleanly(project, cifar_archive, tmp_path):
     truncated = tmp_path / "cut.tar.gz"
     truncated.write_bytes(cifar_archive.read_bytes()[: cifar_archive.stat().st_size // 2])
-    project.set_params(data={"url": str(truncated), "md5": file_digest(truncated)})
+    project.set_params(download={"url": str(truncated), "md5": file_digest(truncated)})
     proc = project.dvc("repro", "preprocess", check=False)
     _assert_failed(proc, "truncated or corrupt archive")
     assert not (project.path / "data/processed").exists()
+
+
+def test_archive_cut_at_a_member_boundary_is_refused(cifar_archive, tmp_path):
+    # Every batch is there; only readme.html and the tar's end-of-archive blocks are missing.
+    # tarfile alone reads that as a complete, shorter archive, and so did the old reader.
+    data = gzip.decompress(cifar_archive.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    assert members[-1].name == f"{FOLDER}/readme.html"
+    cut = tmp_path / "cifar-10-python.tar.gz"
+    cut.write_bytes(gzip.compress(data[: members[-1].offset]))
+    with tarfile.open(cut) as tar:
+        assert [m.name for m in tar] == [m.name for m in members[:-1]]
+    with pytest.raises(PipelineError, match="truncated or corrupt archive") as e:
+        preprocess(cut, tmp_path / "processed", PreprocessParams(dataset="cifar10"))
+    assert str(cut) in str(e.value)
+    assert not (tmp_path / "processed").exists()
+
+
+def test_bad_gzip_crc_is_refused(cifar_archive, tmp_path):
+    data = bytearray(cifar_archive.read_bytes())
+    data[-8] ^= 0xFF  # the CRC in the gzip trailer: every member still reads fine
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="truncated or corrupt archive"):
+        read_archive(bad)
+
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/evil", f"{FOLDER}/../../evil"])
+def test_member_escaping_the_archive_is_refused(cifar_archive, tmp_path, name):
+    with tarfile.open(cifar_archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    members[name] = b"evil"  # last, after every batch: refused even though nothing is missing
+    evil = make_tar(tmp_path / "evil.tar.gz", members)
+    with pytest.raises(PipelineError, match="refusing archive member") as e:
+        read_archive(evil)
+    assert repr(name) in str(e.value)
 
 
 class _Evil:
@@ -120,7 +162,7 @@ def test_forbidden_pickle_global_is_refused(project, tmp_path):
             members[m.name] = tar.extractfile(m).read()
     members[f"{FOLDER}/data_batch_3"] = pickle.dumps({"data": _Evil()}, protocol=2)
     evil = make_tar(tmp_path / "evil2.tar.gz", members)
-    project.set_params(data={"url": str(evil), "md5": file_digest(evil)})
+    project.set_params(download={"url": str(evil), "md5": file_digest(evil)})
     proc = project.dvc("repro", "preprocess", check=False)
     _assert_failed(proc, "data_batch_3", "refusing to load global", "system")
     assert not (project.path / "pwned").exists()
@@ -144,7 +186,7 @@ def test_unpickler_refuses_globals_without_running_them(tmp_path):
 
 
 def test_invalid_params_stop_before_any_data(project):
-    project.set_params(data={"image_size": "big"}, preprocess={"sample_imgs": 3})
+    project.set_params(preprocess={"image_size": "big", "sample_imgs": 3})
     proc = project.dvc("repro", "download", check=False)
-    _assert_failed(proc, "data.image_size = 'big'", "unknown key 'preprocess.sample_imgs'")
+    _assert_failed(proc, "preprocess.image_size = 'big'", "unknown key 'preprocess.sample_imgs'")
     assert not (project.path / "data/raw").exists()

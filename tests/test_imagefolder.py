@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import imagefolder
+from imgclf import decode, imagefolder
+from imgclf.decode import ImageFileError, decode_image, load_image_file
 from imgclf.files import PipelineError
-from imgclf.imagefolder import ImageFileError, decode_image, load_image_file, read_archive
+from imgclf.imagefolder import read_archive
 
 from conftest import make_tar
 
@@ -180,16 +181,16 @@ LOSSY = {
     "gray.jpg": (encode(".jpg", np.full((SIZE, SIZE), 100, np.uint8)), (100, 100, 100)),
 }
 # The flags used, and IMREAD_UNCHANGED to exercise the alpha and 1-channel conversions too.
-FLAGS = {"default": imagefolder.DECODE_FLAGS, "unchanged": cv2.IMREAD_UNCHANGED}
+FLAGS = {"default": decode.DECODE_FLAGS, "unchanged": cv2.IMREAD_UNCHANGED}
 
 
 @pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
 @pytest.mark.parametrize("name", [*MODES, *LOSSY])
 def test_every_mode_becomes_rgb_uint8(name, flags):
     data, expected = {**MODES, **LOSSY}[name]
-    img, reason = imagefolder._decode(data, SIZE, flags)
+    img, reason = decode._decode(data, SIZE, flags)
     assert reason == ""
-    img = imagefolder._to_rgb(img)
+    img = decode._to_rgb(img)
     assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
     tolerance = 3 if name in LOSSY else 0
     assert np.abs(img.astype(int) - expected).max() <= tolerance, img[0, 0]
@@ -422,9 +423,9 @@ def test_zip_symlink_escaping_is_refused(tmp_path):
 
 def test_preprocess_stage_reads_image_folders(tmp_path):
     # The preprocess stage's entry point for data.dataset=imagefolder.
-    from imgclf.params import DataParams, PreprocessParams
+    from imgclf.params import PreprocessParams
     from imgclf.preprocess import preprocess
 
     archive = make_tar(tmp_path / "source.tar", dataset_members("x/"), mode="w")
-    stats = preprocess(archive, tmp_path / "processed", DataParams(dataset="imagefolder", image_size=SIZE, md5=""), PreprocessParams())
+    stats = preprocess(archive, tmp_path / "processed", PreprocessParams(dataset="imagefolder", image_size=SIZE))
     assert stats["num_train"] == 6 and stats["num_test"] == 3 and stats["classes"] == 3

@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 
 from imgclf import models
-from imgclf.export import load_state_dict_model, make_bundle, save_state_bundle, save_whole_model
-from imgclf.imagefolder import load_image_file, read_archive
+from imgclf.bundle import load_state_dict_model, make_bundle
+from imgclf.decode import load_image_file
+from imgclf.imagefolder import read_archive
+from imgclf.params import ModelParams
 from imgclf.predict import main, predict_files
 
-from conftest import make_tar
+from helpers import make_tar, save_state_bundle, save_whole_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["ant", "bee", "cat", "dog"]
@@ -30,7 +32,7 @@ SIZE = 16
 def model_file(tmp_path_factory) -> Path:
     """An untrained seed_cnn_bn exported as the export stage does it."""
     torch.manual_seed(0)
-    args = models.arch_args("seed_cnn_bn", num_classes=len(CLASSES), image_size=SIZE)
+    args = models.arch_args(ModelParams(arch="seed_cnn_bn"), num_classes=len(CLASSES), image_size=SIZE)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     model = models.build("seed_cnn_bn", args, mean, std).eval()
     bundle = make_bundle(model, arch="seed_cnn_bn", arch_args=args, classes=CLASSES, mean=mean, std=std, image_size=SIZE)

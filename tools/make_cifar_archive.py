@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from imgclf.cifar import write_archive
+from imgclf.cifar_writer import write_archive
 from imgclf.files import file_digest
 from imgclf.imagefolder import read_archive
 

@@ -1,0 +1,204 @@
+"""Read the members of a tar (plain, gz, bz2, xz) or zip archive one by one, safely.
+
+Nothing is extracted: members are read into memory one after another (a tar.gz is streamed,
+never seeked back), and every member name is checked before it is handed out. An absolute
+name, a ``..`` component, or a link whose target lies outside the archive is refused,
+naming the member. The format is told by content (magic bytes), not by the file's name.
+
+An archive that ends early is refused, never read as a shorter complete one: a tar must end
+with its zero blocks (``tarfile`` alone takes a tar cut at a member boundary as complete),
+a gzip stream is read to its end so its CRC and length are checked, and a zip member's CRC
+is checked as it is read. Every such error says "truncated or corrupt archive".
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from .files import PipelineError
+
+
+@dataclass
+class Member:
+    name: str  # as stored in the archive
+    path: str  # normalised and checked: relative, no '..', no '.' or empty parts
+    kind: Literal["file", "link", "other"]  # "other": folders, devices, fifos
+    link_target: str  # "link": the target's path from the archive root (checked)
+    read: Callable[[], bytes]  # "file": its bytes; valid only until the next member
+
+
+class NotAnArchiveError(PipelineError):
+    """Neither a zip nor a tar, compressed or not (an HTML error page, say); ``detail`` is
+    tarfile's own reason, so a caller can add a hint of its own."""
+
+    def __init__(self, archive: Path, detail: str):
+        super().__init__(f"{archive}: not a tar, tar.gz or zip archive (tarfile says: {detail})")
+        self.detail = detail
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError)
+
+
+def open_archive(path: Path) -> BinaryIO:
+    """The archive opened for reading; a missing or unreadable file is a PipelineError."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot open ({e.strerror or e}); run `dvc repro download`") from None
+
+
+def iter_members(fileobj: BinaryIO, archive: Path) -> Iterator[Member]:
+    """Members of a zip or a (compressed) tar, in archive order, each name checked.
+
+    ``fileobj`` is the open archive (seekable); ``archive`` only names it in errors.
+    """
+    head = fileobj.read(8)
+    fileobj.seek(0)
+    if head[:2] == b"PK" and head[2:4] in (b"\x03\x04", b"\x05\x06", b"\x07\x08"):
+        return _zip_members(fileobj, archive)
+    compression = next((c for magic, c in _MAGIC.items() if head.startswith(magic)), "tar")
+    return _tar_members(fileobj, archive, compression)
+
+
+def safe_path(name: str, archive: Path) -> str:
+    """The member's normalised path inside the archive; refuses anything that could escape.
+
+    Backslashes count as separators, so a Windows-made ``..\\x`` is caught too.
+    """
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or _DRIVE.match(unified):
+        raise PipelineError(f"{archive}: refusing archive member {name!r}: absolute path")
+    parts = [p for p in unified.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise PipelineError(f"{archive}: refusing archive member {name!r}: '..' in its path")
+    return "/".join(parts)
+
+
+def safe_link(name: str, path: str, target: str, archive: Path, *, symlink: bool) -> str:
+    """Where a link points, as a path from the archive root; refuses targets outside it.
+
+    A symlink's target is relative to the link's own folder, a tar hardlink's to the root.
+    """
+    unified = target.replace("\\", "/")
+    kind = "symlink" if symlink else "hardlink"
+    if unified.startswith("/") or _DRIVE.match(unified):
+        raise PipelineError(f"{archive}: refusing archive member {name!r}: {kind} to absolute path {target!r}")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path) if symlink else "", unified))
+    if resolved == ".." or resolved.startswith("../"):
+        raise PipelineError(
+            f"{archive}: refusing archive member {name!r}: {kind} target {target!r} is outside the archive"
+        )
+    return resolved
+
+
+def corrupt(archive: Path, e: BaseException, member: str | None = None) -> PipelineError:
+    """The error for an archive that ends early or holds bad data, naming where it broke."""
+    where = f" (at member {member!r})" if member else ""
+    return PipelineError(
+        f"{archive}: truncated or corrupt archive{where}: {type(e).__name__}: {e}. "
+        "Fetch or pack it again: delete data/raw and rerun `dvc repro download`"
+    )
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Records why tarfile stopped reading: only a zero block is a proper end of archive.
+
+    ``TarFile.next()`` silently ends the iteration at a missing, short or garbled header
+    after the first one, so a tar cut at a member boundary would otherwise read as complete.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):  # type: ignore[override]
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            tar._imgclf_bad_end = e  # checked by _tar_members after the loop
+            raise
+
+
+def _tar_members(fileobj: BinaryIO, archive: Path, compression: str) -> Iterator[Member]:
+    # "r:gz" reads through GzipFile, which checks the CRC and length at the end of the stream
+    # (drained below); tarfile's streaming "r|gz" never checks them. Both read sequentially.
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode=f"r:{compression}", tarinfo=_CheckedTarInfo)
+    except _ARCHIVE_ERRORS as e:
+        if compression == "tar" and not _is_ustar(fileobj):
+            raise NotAnArchiveError(archive, str(e)) from None
+        raise corrupt(archive, e) from None
+    current = None
+    with tar:
+        try:
+            for info in tar:
+                current = info.name
+                path = safe_path(info.name, archive)
+                if info.issym() or info.islnk():
+                    target = safe_link(info.name, path, info.linkname, archive, symlink=info.issym())
+                    yield Member(info.name, path, "link", target, bytes)
+                elif info.isfile():
+                    yield Member(info.name, path, "file", "", functools.partial(_read_tar_member, tar, info, archive))
+                else:  # folders, devices, fifos: nothing to read, never created
+                    yield Member(info.name, path, "other", "", bytes)
+            current = None
+            if getattr(tar, "_imgclf_bad_end", None) is not None:
+                raise corrupt(archive, tar._imgclf_bad_end, "after the last complete one")
+            for _ in iter(lambda: tar.fileobj.read(1 << 20), b""):  # to the end: checks gzip's CRC
+                pass
+        except PipelineError:
+            raise
+        except _ARCHIVE_ERRORS as e:
+            raise corrupt(archive, e, current) from None
+
+
+def _read_tar_member(tar: tarfile.TarFile, info: tarfile.TarInfo, archive: Path) -> bytes:
+    try:
+        return tar.extractfile(info).read()  # type: ignore[union-attr]
+    except _ARCHIVE_ERRORS as e:  # the data ends early, bad compressed data
+        raise corrupt(archive, e, info.name) from None
+
+
+def _is_ustar(fileobj: BinaryIO) -> bool:
+    fileobj.seek(257)
+    magic = fileobj.read(5)
+    fileobj.seek(0)
+    return magic == b"ustar"
+
+
+def _zip_members(fileobj: BinaryIO, archive: Path) -> Iterator[Member]:
+    try:
+        zf = zipfile.ZipFile(fileobj)
+    except _ARCHIVE_ERRORS as e:
+        raise corrupt(archive, e) from None
+    with zf:
+        for info in zf.infolist():
+            path = safe_path(info.filename, archive)
+
+            def read(info: zipfile.ZipInfo = info) -> bytes:
+                try:
+                    return zf.read(info)
+                except (RuntimeError, NotImplementedError) as e:  # encrypted, unsupported method
+                    raise PipelineError(f"{archive}: cannot read member {info.filename!r}: {e}") from None
+                except _ARCHIVE_ERRORS as e:  # bad CRC, bad compressed data
+                    raise corrupt(archive, e, info.filename) from None
+
+            if stat.S_ISLNK(info.external_attr >> 16):  # a Unix symlink: its data is the target
+                target = read().decode("utf-8", "surrogateescape")
+                target = safe_link(info.filename, path, target, archive, symlink=True)
+                yield Member(info.filename, path, "link", target, bytes)
+            elif info.is_dir():
+                yield Member(info.filename, path, "other", "", bytes)
+            else:
+                yield Member(info.filename, path, "file", "", read)
