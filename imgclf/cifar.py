@@ -111,7 +111,7 @@ def read_archive(path: str | Path) -> RawDataset:
     if missing:
         raise PipelineError(
             f"{path}: not a CIFAR-10 python archive: missing {', '.join(missing)}"
-            + (" (for a folder of images, set data.dataset=imagefolder)" if not found else "")
+            + (" (for a folder of images, set preprocess.dataset=imagefolder)" if not found else "")
         )
 
     def load(name: str) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def read_archive(
     """
     archive = Path(archive)
     if bad_images not in ("fail", "skip"):
-        raise PipelineError(f"data.bad_images = {bad_images!r}: must be 'fail' or 'skip'")
+        raise PipelineError(f"preprocess.bad_images = {bad_images!r}: must be 'fail' or 'skip'")
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     latest: dict[str, _Image] = {}  # path -> image; a later member of the same name replaces it
@@ -188,7 +188,7 @@ def read_archive(
         except NotAnArchiveError as e:
             decoder.cancel()
             raise PipelineError(
-                f"{archive}: not a tar, tar.gz or zip archive (data.dataset=imagefolder reads those; "
+                f"{archive}: not a tar, tar.gz or zip archive (preprocess.dataset=imagefolder reads those; "
                 f"tarfile says: {e.detail})"
             ) from None
         except BaseException:
@@ -243,11 +243,11 @@ def read_archive(
         if bad_images == "fail":
             raise PipelineError(
                 f"{archive}: {len(bad)} file(s) could not be decoded as images:\n  {listing}{more}\n"
-                "Fix or remove them, or leave them out with data.bad_images=skip "
-                "(`dvc exp run -S data.bad_images=skip`)"
+                "Fix or remove them, or leave them out with preprocess.bad_images=skip "
+                "(`dvc exp run -S preprocess.bad_images=skip`)"
             )
         log.warning(
-            "%s: skipped %d file(s) that could not be decoded as images (data.bad_images=skip):\n  %s%s",
+            "%s: skipped %d file(s) that could not be decoded as images (preprocess.bad_images=skip):\n  %s%s",
             archive, len(bad), listing, more,
         )
         images = [image for image in images if image.path not in failed]

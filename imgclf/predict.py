@@ -3,7 +3,7 @@
     imgclf-predict [--model models/model_state.pt] [--top-k 3] [--json] PATHS...
     python -m imgclf.predict photo.jpg holiday/          # folders are searched recursively
 
-Each image is decoded and resized by :func:`imgclf.imagefolder.load_image_file`, the very
+Each image is decoded and resized by :func:`imgclf.decode.load_image_file`, the very
 code that built the training cache, to the ``image_size`` stored with the model; the model
 normalises the uint8 pixels itself. A file that cannot be read or decoded is reported on its
 own and the others are still classified. Exit status: 0 all classified, 1 some files failed,

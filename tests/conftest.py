@@ -17,7 +17,6 @@ from imgclf.cifar_writer import write_archive
 from imgclf.files import file_digest
 
 from helpers import CLASSES, FAST_TRAIN, Project, copy_project, make_split
-from helpers import make_tar, run_env, ROOT  # noqa: F401  (kept importable from conftest)
 
 
 @pytest.fixture(scope="session")

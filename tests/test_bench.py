@@ -21,7 +21,7 @@ from imgclf.dataset import load_cache
 from imgclf.params import PreprocessParams
 from imgclf.preprocess import preprocess
 
-from conftest import ROOT, run_env
+from helpers import ROOT, run_env
 
 DVC_YAML = """\
 stages:

@@ -18,7 +18,7 @@ from imgclf.files import PipelineError, file_digest
 from imgclf.params import PreprocessParams
 from imgclf.preprocess import preprocess
 
-from conftest import CLASSES, make_split, make_tar
+from helpers import CLASSES, make_split, make_tar
 
 
 def test_repro_downloads_verifies_and_caches(project, cifar_archive):
@@ -55,7 +55,7 @@ def test_rerun_rules(project):
     images = torch.load(project.path / "data/processed/test.pt", weights_only=True)["images"]
     assert images.shape == (50, 3, 16, 16) and images.dtype == torch.uint8
 
-    # A new data.url (the same archive through file://) reruns both stages.
+    # A new download.url (the same archive through file://) reruns both stages.
     url = project.params()["download"]["url"]
     local = project.path.parent / "mirror.tar.gz"
     local.write_bytes((project.path / "data/raw/cifar-10-python.tar.gz").read_bytes())

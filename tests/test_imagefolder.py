@@ -23,7 +23,7 @@ from imgclf.decode import ImageFileError, decode_image, load_image_file
 from imgclf.files import PipelineError
 from imgclf.imagefolder import read_archive
 
-from conftest import make_tar
+from helpers import make_tar
 
 SIZE = 8
 RED_BGR = (0, 0, 255)  # OpenCV writes BGR; these are red images
@@ -274,7 +274,7 @@ def test_bad_images_fail_names_every_file_and_the_param(tmp_path):
     with pytest.raises(PipelineError) as e:
         read_archive(with_bad_files(tmp_path), image_size=SIZE, bad_images="fail")
     msg = str(e.value)
-    for name in ("d/train/ant/broken.jpg", "d/test/moth/notes.txt", "d/train/moth/empty.png", "data.bad_images=skip"):
+    for name in ("d/train/ant/broken.jpg", "d/test/moth/notes.txt", "d/train/moth/empty.png", "preprocess.bad_images=skip"):
         assert name in msg
     assert "3 file(s)" in msg
 
@@ -422,7 +422,7 @@ def test_zip_symlink_escaping_is_refused(tmp_path):
 
 
 def test_preprocess_stage_reads_image_folders(tmp_path):
-    # The preprocess stage's entry point for data.dataset=imagefolder.
+    # The preprocess stage's entry point for preprocess.dataset=imagefolder.
     from imgclf.params import PreprocessParams
     from imgclf.preprocess import preprocess
 

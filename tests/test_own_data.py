@@ -39,7 +39,8 @@ def write_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> None:
 def own_project(project):
     write_folder(project.path / "data/source/shapes", {"train": 30, "test": 8})
     project.set_params(
-        data={"dataset": "imagefolder", "url": "data/source/shapes", "md5": "", "image_size": 24},
+        download={"url": "data/source/shapes", "md5": ""},
+        preprocess={"dataset": "imagefolder", "image_size": 24},
         train={"epochs": 3, "batch_size": 15, "lr": 0.05},
     )
     return project
@@ -94,8 +95,8 @@ def test_zip_archive_over_http_with_checksum(project, http_root, http_server, tm
             if f.is_file():
                 z.write(f, f"pets/{f.relative_to(folder).as_posix()}")
     (http_root / "pets.zip").write_bytes(buf.getvalue())
-    project.set_params(data={"dataset": "imagefolder", "url": f"{http_server}/pets.zip",
-                             "md5": file_digest(http_root / "pets.zip")})
+    project.set_params(preprocess={"dataset": "imagefolder"},
+                       download={"url": f"{http_server}/pets.zip", "md5": file_digest(http_root / "pets.zip")})
     assert project.ran_stages(project.dvc("repro", "preprocess")) == ["download", "preprocess"]
     meta = json.loads((project.path / "data/processed/meta.json").read_text())
     assert meta["classes"] == ["blue", "green", "red"] and (meta["num_train"], meta["num_test"]) == (12, 6)

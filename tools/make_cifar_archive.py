@@ -6,7 +6,7 @@ is out of reach:
     python tools/make_cifar_archive.py ../shared/datasets/cifar10-jpeg.tar.gz /tmp/cifar10/cifar-10-python.tar.gz
 
 The output has the official layout, keys, dtypes and Python 2 pickling; only its md5 differs
-(the pixels were re-encoded as JPEG by the mirror). Prints the md5 to put in data.md5.
+(the pixels were re-encoded as JPEG by the mirror). Prints the md5 to put in download.md5.
 """
 
 import argparse
