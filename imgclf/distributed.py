@@ -23,13 +23,9 @@ from torch import nn
 
 from . import sync_batchnorm
 from .files import PipelineError
+from .launch import FIRST_NODE_ENV
 
 log = logging.getLogger(__name__)
-
-# Set by the launcher for its workers: 1 on the first node (the one `dvc repro` runs), 0 on
-# the nodes that joined with `python stages/train.py --join`.
-FIRST_NODE_ENV = "IMGCLF_FIRST_NODE"
-
 
 def backend_for(device: torch.device) -> str:
     """NCCL moves CUDA tensors only; gloo serves the CPU (also on a host that has CUDA)."""

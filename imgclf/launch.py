@@ -25,11 +25,14 @@ from typing import Any
 
 import yaml
 
-from .distributed import FIRST_NODE_ENV
 from .files import PipelineError
 from .params import ModelParams, Params, TrainParams, load_params, parse_params
 
 log = logging.getLogger(__name__)
+
+# Set for the workers: 1 on the first node (the one `dvc repro` runs), 0 on the nodes that
+# joined with `python stages/train.py --join`.
+FIRST_NODE_ENV = "IMGCLF_FIRST_NODE"
 
 
 def parse_stage_args(argv: list[str]) -> argparse.Namespace:
@@ -97,12 +100,20 @@ def torchrun_args(model_params: ModelParams, t: TrainParams, *, join: bool) -> l
 def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: list[str], *, join: bool) -> None:
     """Run ``script`` under torchrun as this node's ``train.processes`` workers; returns when
     they are done, or raises with one line saying why not."""
+    # c10d's C++ side logs a store it cannot reach with a stack trace, and the exception below
+    # says it in one line. The level is read once, when torch loads (this module does not
+    # import torch before this point); the workers, started later, log as usual.
+    quieted = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quieted:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import (RendezvousConnectionError, RendezvousError,
                                                           RendezvousTimeoutError)
     from torch.distributed.run import main as torchrun
 
+    if quieted:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
     args = torchrun_args(model_params, t, join=join) + [script, *script_args]
     if t.nodes == 1:
         log.info("starting %d training processes with torchrun", t.processes)
@@ -137,11 +148,11 @@ def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: 
             "is their hash; the log line above shows it on each node)"
         ) from None
     except RendezvousConnectionError as e:
-        cause = f"{type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ else str(e)
+        cause = (f"{type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ else str(e)).splitlines()[0].rstrip(".")
         if join:
-            raise PipelineError(f"cannot reach the first node at {where} ({cause.splitlines()[0]}); is "
+            raise PipelineError(f"cannot reach the first node at {where} ({cause}); is "
                                 "`dvc repro` running there, and is that its address?") from None
-        raise PipelineError(f"cannot host the rendezvous at {where} ({cause.splitlines()[0]}); is the port "
+        raise PipelineError(f"cannot host the rendezvous at {where} ({cause}); is the port "
                             "free, and is the host this machine?") from None
     except RendezvousError as e:
         raise PipelineError(f"the rendezvous at {where} failed: {type(e).__name__}: {e}") from None

@@ -157,11 +157,12 @@ def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cac
         if other_problem is not None:
             raise PipelineError(other_problem if problem is not None else
                                 f"on {host} (rank {rank}): {other_problem}")
-    if len({r[1] for r in reports}) > 1:
-        hosts = ", ".join(sorted({host for _, other, host in reports if other != fp}))
+    differ = [f"rank {r} on {host}" for r, (_, other, host) in enumerate(reports) if other != reports[0][1]]
+    if differ:
         raise PipelineError(
-            f"{cache_dir} or the params differ between the nodes (this is {socket.gethostname()}; differing: "
-            f"{hosts}): run `dvc pull {cache_dir}` (or `dvc repro preprocess`) at the same commit on every node"
+            f"{cache_dir} or the params differ between the nodes: {', '.join(differ)} do{'es' if len(differ) == 1 else ''}"
+            f" not hold what rank 0 on {reports[0][2]} (the first node) holds. Run `dvc pull {cache_dir}` (or "
+            "`dvc repro preprocess`) at the same commit on every node"
         )
     return cache, fp
 

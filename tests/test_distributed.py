@@ -35,15 +35,17 @@ from helpers import FAST_TRAIN, Project, copy_project, run_env
 # Two "nodes" of one process each, each taking 25 images of every batch of 50. The endpoint
 # committed here is a placeholder: each test picks a free port and sets it on both nodes.
 TWO_NODES = {"nodes": 2, "processes": 1, "dist_timeout": 30, "rdzv_endpoint": "127.0.0.1:29400"}
-# Two processes and one at the same global batch differ only in the order floating-point sums
-# are taken (DDP's gradient average, batch-norm statistics summed across processes). One
-# process differs that much from itself with 2 threads instead of 1: seed_cnn_bn after these
-# 8 steps, train_loss by 1.1e-4 relative, weights by 2.2e-4, running stats by 2.4e-3. The
-# tolerances sit above that and well below what unsynchronised batch norm gives (train_loss
-# 4.8e-2 off, weights 4.4e-3, running stats 6.3e-2): docs/distributed.md.
-LOSS_RTOL = 1e-3
-WEIGHT_ATOL = 1e-3  # parameters
-BUFFER_ATOL = 1e-2  # batch-norm running statistics
+# Several processes and one at the same global batch differ only in the order floating-point
+# sums are taken (DDP's gradient average, batch-norm statistics summed across processes), and
+# one process differs as much from itself with 2 threads instead of 1. Measured on these tiny
+# runs (seed_cnn_bn, 2 epochs, docs/distributed.md), 1 vs 2 threads: train_loss up to 1.7e-3
+# relative, parameters 6.6e-4, running stats 6.5e-3 apart; unsynchronised batch norm on 2
+# processes: 4.8e-2, 4.4e-3 and 6.3e-2. The tolerances sit about 3x from each.
+LOSS_RTOL = 1e-2
+WEIGHT_ATOL = 2e-3  # parameters
+BUFFER_ATOL = 2e-2  # batch-norm running statistics
+# test_acc is on 50 images; a test image on the decision boundary may flip either way.
+ACC_ATOL = 0.02
 
 
 def free_port() -> int:
@@ -127,7 +129,7 @@ def assert_same_optimisation(node: Project, single: tuple[dict, dict]) -> None:
     metrics = json.loads((node.path / "metrics/train.json").read_text())
     state = torch.load(node.path / "models/trained.pt", weights_only=True)["state_dict"]
     assert metrics["train_loss"] == pytest.approx(single[0]["train_loss"], rel=LOSS_RTOL)
-    assert metrics["test_acc"] == single[0]["test_acc"]
+    assert metrics["test_acc"] == pytest.approx(single[0]["test_acc"], abs=ACC_ATOL)
     for k, w in single[1].items():
         atol = BUFFER_ATOL if "running" in k else WEIGHT_ATOL
         torch.testing.assert_close(state[k], w, rtol=0, atol=atol, msg=k)
