@@ -48,7 +48,7 @@ def bench(tmp_path_factory, up_to_date_project) -> tuple[dict, str, str]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "imgclf.bench", "--quick", "--device", "cpu", "--json", str(out), "--project", str(up_to_date_project)],
-        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout, proc.stderr
