@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .files import PipelineError
 
@@ -90,7 +90,12 @@ class TrainParams(_Section):
     channels_last: bool = True
     compile: bool = False  # torch.compile; pays off on GPU for long runs
     threads: int = Field(0, ge=0, le=1024)  # CPU threads; 0 = all cores (shared among processes)
-    processes: int = Field(1, ge=1, le=1024)  # >1: torchrun, one process per GPU (DDP)
+    processes: int = Field(1, ge=1, le=1024)  # per node; >1: torchrun, one process per GPU (DDP)
+    nodes: int = Field(1, ge=1, le=1024)  # machines; >1: torchrun's c10d rendezvous at rdzv_endpoint
+    # "host:port" of the first node (the one `dvc repro` runs on), which hosts the rendezvous;
+    # validate_default: nodes > 1 with the default "" must fail too.
+    rdzv_endpoint: str = Field("", validate_default=True)
+    dist_timeout: int = Field(300, ge=5, le=86_400)  # seconds a rendezvous or a collective waits for a missing peer
 
     @field_validator("device")
     @classmethod
@@ -100,6 +105,23 @@ class TrainParams(_Section):
         )
         if not ok:
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    # A field validator (not a model validator) so the message names the key and its value
+    # like every other params error; `nodes` is declared first, so info.data holds it.
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _rdzv_endpoint(cls, v: str, info: ValidationInfo) -> str:
+        v = v.strip()
+        nodes = info.data.get("nodes", 1)
+        if not v:
+            if nodes > 1:
+                raise ValueError(f"train.nodes = {nodes} needs train.rdzv_endpoint: the host:port of the first "
+                                 "node, e.g. node1:29400")
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port (the first node's address and a free TCP port), e.g. node1:29400")
         return v
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from torch import nn
 from . import checkpoint, models
 from .bundle import make_bundle
 from .dataset import Cache, load_cache
-from .distributed import Distributed
+from .distributed import Distributed, is_lost_peer, lost_peer_error
 from .files import PipelineError, atomic_path, write_json
 from .params import ModelParams, TrainParams
 from .runtime import configure_threads, predict_logits, resolve_device, resolve_precision
@@ -74,33 +75,41 @@ class Run:
 def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[str, Any]:
     """Train per params; resume from ``paths.checkpoint`` if it matches; return the metrics.
 
-    Under ``torchrun`` (``train.processes`` > 1) each process takes an equal share of every
-    global batch of ``train.batch_size`` images and DistributedDataParallel averages the
-    gradients; rank 0 alone evaluates and writes files.
+    Under ``torchrun`` (``train.nodes`` x ``train.processes`` > 1) each process takes an
+    equal share of every global batch of ``train.batch_size`` images, batch norm is
+    synchronised over the global batch and DistributedDataParallel averages the gradients;
+    rank 0 (the first node's first process) alone evaluates and writes files.
     """
     run = set_up(model_params, t, paths.cache_dir)
     start_epoch, history = resume(run, paths.checkpoint)
-    forward = run.dist.wrap(run.trainee.model, run.device)
-    run.trainee.step.forward = torch.compile(forward) if t.compile else forward
     x_train = run.cache.train.images.to(run.device)
     y_train = run.cache.train.labels.to(run.device)
     augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip)
     writer = _tensorboard(paths.log_dir) if run.dist.is_main else None
     if writer is not None:
-        _log_start(writer, run, history, augmenter)
+        _log_start(writer, run, history, augmenter)  # before the wrap: the graph of the plain model
+    forward = run.dist.wrap(run.trainee.model)
+    run.trainee.step.forward = torch.compile(forward) if t.compile else forward
     _log_plan(run)
-    for epoch in range(start_epoch, t.epochs):
-        row = one_epoch(run, epoch, augmenter, y_train)
-        if row is not None:
-            history.append(row)
-            if writer is not None:
-                _log_scalars(writer, row)
-                writer.flush()
-            _write_curve(paths.curve_out, history)
-            checkpoint.save(paths.checkpoint, fingerprint=run.fingerprint, epoch=epoch, history=history,
-                            model=run.trainee.model, step_state=run.trainee.step.state_dict(),
-                            model_params=model_params, t=t)
-        run.dist.barrier()
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            row = one_epoch(run, epoch, augmenter, y_train)
+            if row is not None:
+                history.append(row)
+                if writer is not None:
+                    _log_scalars(writer, row)
+                    writer.flush()
+                _write_curve(paths.curve_out, history)
+                checkpoint.save(paths.checkpoint, fingerprint=run.fingerprint, epoch=epoch, history=history,
+                                model=run.trainee.model, step_state=run.trainee.step.state_dict(),
+                                model_params=model_params, t=t)
+            run.dist.barrier()
+    except Exception as e:
+        if run.dist.world == 1 or not is_lost_peer(e):
+            raise
+        if run.dist.local_rank != 0:
+            raise SystemExit(1) from None  # the same news for every process of a node: one says it
+        raise lost_peer_error(e, t.dist_timeout, paths.checkpoint) from None
     if writer is not None:
         writer.close()
     return finish(run, history, paths)
@@ -109,14 +118,13 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
 def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     """Processes, device, precision and threads; the data; a fresh seeded model and step."""
     models.check_arch(model_params.arch)  # a typo fails before any data is read
-    dist = Distributed.from_env()
-    device = dist.device(resolve_device(t.device))
-    threads = configure_threads(t.threads or dist.cpu_threads_per_process(device))
+    # The backend follows the training device: gloo for the CPU even where CUDA exists.
+    dist = Distributed.from_env(resolve_device(t.device), timeout=t.dist_timeout)
+    device = dist.device
+    threads = configure_threads(t.threads or dist.cpu_threads_per_process())
     amp = resolve_precision(t.precision, device)
-    cache = load_cache(cache_dir)
+    cache, fingerprint = _load_data(dist, model_params, t, cache_dir)
     n = len(cache.train)
-    if n == 0:
-        raise PipelineError(f"{cache_dir}: the train split is empty")
     # Drop the last incomplete batch (as DataLoader(drop_last=True)), unless it is the only one.
     batch = min(t.batch_size, n)
     if batch % dist.world:
@@ -125,13 +133,46 @@ def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     np.random.seed(t.seed % 2**32)
     trainee = build_trainee(model_params, t, num_classes=len(cache.classes), image_size=cache.image_size,
                             mean=cache.mean, std=cache.std, device=device, amp=amp, steps_per_epoch=n // batch)
-    return Run(model_params, t, dist, device, amp, threads, cache, batch, n // batch, trainee,
-               checkpoint.fingerprint(model_params, t, cache_dir))
+    return Run(model_params, t, dist, device, amp, threads, cache, batch, n // batch, trainee, fingerprint)
+
+
+def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cache_dir: Path) -> tuple[Cache, str]:
+    """The cache and the run's fingerprint (params and data bytes). Each node reads its own
+    copy of the cache, so the processes check that they all hold the same one."""
+    try:
+        cache = load_cache(cache_dir)
+        if len(cache.train) == 0:
+            raise PipelineError(f"{cache_dir}: the train split is empty")
+        # Where the rendezvous is and how long to wait do not change what is computed: a run
+        # resumed with another endpoint (say, another first node) keeps its checkpoint.
+        fp = checkpoint.fingerprint(model_params, t.model_copy(update={"rdzv_endpoint": "", "dist_timeout": 0}),
+                                    cache_dir)
+        problem = None
+    except PipelineError as e:
+        if dist.world == 1:
+            raise
+        cache, fp, problem = None, "", str(e)
+    reports = dist.gather((problem, fp, socket.gethostname()))
+    for rank, (other_problem, _, host) in enumerate(reports):
+        if other_problem is not None:
+            raise PipelineError(other_problem if problem is not None else
+                                f"on {host} (rank {rank}): {other_problem}")
+    if len({r[1] for r in reports}) > 1:
+        hosts = ", ".join(sorted({host for _, other, host in reports if other != fp}))
+        raise PipelineError(
+            f"{cache_dir} or the params differ between the nodes (this is {socket.gethostname()}; differing: "
+            f"{hosts}): run `dvc pull {cache_dir}` (or `dvc repro preprocess`) at the same commit on every node"
+        )
+    return cache, fp
 
 
 def resume(run: Run, path: Path) -> tuple[int, list[dict[str, float]]]:
-    """The first epoch to run and the history so far (0 and [] without a usable checkpoint)."""
-    ckpt = checkpoint.load(path, run.fingerprint, run.device)
+    """The first epoch to run and the history so far (0 and [] without a usable checkpoint).
+
+    Only the first node holds the checkpoint: rank 0 reads it and sends it to every process,
+    so all of them resume the same epoch, weights, optimiser state and history."""
+    ckpt = checkpoint.load(path, run.fingerprint, torch.device("cpu")) if run.dist.is_main else None
+    ckpt = run.dist.broadcast(ckpt)
     if ckpt is None:
         return 0, []
     run.trainee.model.load_state_dict(ckpt["model"])
@@ -188,6 +229,7 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
     bundle = make_bundle(model, arch=run.model_params.arch, arch_args=run.trainee.arch_args, classes=cache.classes,
                          mean=cache.mean, std=cache.std, image_size=cache.image_size)
     bundle["training"] = {"epochs": t.epochs, "device": str(run.device), "processes": run.dist.world,
+                          "nodes": run.dist.nodes,
                           "precision": "fp32" if run.amp is None else str(run.amp).removeprefix("torch.")}
     with atomic_path(paths.model_out) as tmp:
         torch.save(bundle, tmp)
@@ -210,10 +252,12 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
 
 
 def _log_plan(run: Run) -> None:
+    dist = run.dist
     log.info(
         "training %s (%d parameters) on %s%s, %s, %d threads, %d images, batch %d, %d steps/epoch",
         run.model_params.arch, sum(p.numel() for p in run.trainee.model.parameters()), run.device,
-        f" x {run.dist.world} processes" if run.dist.world > 1 else "",
+        f" x {dist.world} processes ({dist.nodes} node{'s' if dist.nodes > 1 else ''}, {dist.backend})"
+        if dist.world > 1 else "",
         "fp32" if run.amp is None else f"autocast {str(run.amp).removeprefix('torch.')}", run.threads,
         len(run.cache.train), run.batch, run.steps_per_epoch,
     )

@@ -1,22 +1,24 @@
 """Stage `train`: train model.arch on the cached tensors; resumes from checkpoints/train.pt.
 
-With train.processes > 1 the script restarts itself under torchrun, one process per GPU.
+With train.nodes x train.processes > 1 the script restarts itself under torchrun. On the
+other nodes of a multi-node run: `python stages/train.py --join` (docs/distributed.md).
 """
 
-import os
+import sys
 
 from imgclf import paths
 from imgclf.cli import run_stage
-from imgclf.params import load_params
-from imgclf.distributed import launch_processes
-from imgclf.train import TrainPaths, train
+from imgclf.launch import launch, needs_torchrun, parse_stage_args, read_params
 
 
 def main() -> None:
-    params = load_params(paths.PARAMS)
-    if params.train.processes > 1 and "LOCAL_RANK" not in os.environ:
-        launch_processes(params.train.processes, __file__)
+    args = parse_stage_args(sys.argv[1:])
+    params = read_params(paths.PARAMS, args)
+    if needs_torchrun(params.train):
+        launch(params.model, params.train, __file__, sys.argv[1:], join=args.join)
         return
+    from imgclf.train import TrainPaths, train  # here: the launching process never trains (saves ~2 s)
+
     train(
         params.model,
         params.train,

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from imgclf.bundle import load_state_dict_model, load_whole_model
@@ -195,23 +194,3 @@ def test_interrupted_training_resumes_to_the_same_result(project, tmp_path):
     again = json.loads(resumed_metrics)
     for key in ("train_loss", "train_acc", "test_acc"):
         assert fresh[key] == again[key], key
-
-
-def test_two_processes_with_torchrun_on_cpu(project):
-    """train.processes > 1 restarts the stage under torchrun (gloo on CPU, NCCL on GPUs)."""
-    project.set_params(model={"arch": "seed_cnn"}, train={"processes": 2, "threads": 1, "lr": 0.01})
-    proc = project.dvc("repro", "train")
-    out = proc.stdout + proc.stderr
-    assert "starting 2 training processes with torchrun" in out
-    assert "x 2 processes" in out
-    assert out.count("epoch 2/2") == 1  # only rank 0 reports
-    metrics = json.loads((project.path / "metrics/train.json").read_text())
-    bundle = torch.load(project.path / "models/trained.pt", weights_only=True)
-    assert bundle["training"]["processes"] == 2 and metrics["epochs"] == 2
-
-    # Without batch norm, two processes of 25 images compute the gradient of one batch of 50:
-    # the result matches a single process up to floating-point summation order.
-    project.set_params(train={"processes": 1})
-    project.dvc("repro", "train")
-    single = json.loads((project.path / "metrics/train.json").read_text())
-    assert single["train_loss"] == pytest.approx(metrics["train_loss"], rel=1e-3)
