@@ -28,7 +28,7 @@ from torch import nn
 
 from . import checkpoint, models
 from .bundle import make_bundle
-from .dataset import Cache, load_cache
+from .dataset import META_FILE, Cache, load_cache, load_meta
 from .distributed import Distributed, is_lost_peer, lost_peer_error
 from .files import PipelineError, atomic_path, write_json
 from .params import ModelParams, TrainParams
@@ -118,6 +118,9 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
 def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     """Processes, device, precision and threads; the data; a fresh seeded model and step."""
     models.check_arch(model_params.arch)  # a typo fails before any data is read
+    meta = load_meta(cache_dir)  # the image size the preprocess stage chose
+    check_fits(model_params, t, image_size=int(meta["image_size"]), num_classes=len(meta["classes"]),
+               source=Path(cache_dir) / META_FILE)
     # The backend follows the training device: gloo for the CPU even where CUDA exists.
     dist = Distributed.from_env(resolve_device(t.device), timeout=t.dist_timeout)
     device = dist.device
@@ -164,6 +167,43 @@ def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cac
             f"{hosts}): run `dvc pull {cache_dir}` (or `dvc repro preprocess`) at the same commit on every node"
         )
     return cache, fp
+
+
+def check_fits(model_params: ModelParams, t: TrainParams, *, image_size: int, num_classes: int, source: Path) -> None:
+    """Refuse, before any training, params that pass the schema but cannot work at this image
+    size (which preprocess chose): a crop padding reflect padding cannot make, an architecture
+    whose forward pass would fail."""
+    where = f"preprocess.image_size = {image_size}, in {source}"
+    if t.augment.crop_padding >= image_size:
+        raise PipelineError(
+            f"train.augment.crop_padding = {t.augment.crop_padding} must be smaller than the images "
+            f"({where}): reflect padding cannot be as wide as the image"
+        )
+    if not _forward_works(model_params, num_classes, image_size):
+        smallest = next((s for s in _sizes_above(image_size) if _forward_works(model_params, num_classes, s)), None)
+        takes = f"the smallest size it takes is {smallest} pixels" if smallest else "it takes no size up to 1024"
+        raise PipelineError(f"model.arch = {model_params.arch!r} cannot classify {image_size}-pixel images ({where}): {takes}")
+
+
+def _sizes_above(size: int, largest: int = 1024) -> list[int]:
+    """Sizes to try, smallest first: every size to 64, then every 8 pixels (pooling networks
+    change what they take at multiples of their stride)."""
+    return [s for s in range(size + 1, largest + 1) if s <= 64 or s % 8 == 0]
+
+
+def _forward_works(model_params: ModelParams, num_classes: int, size: int) -> bool:
+    """Whether the architecture's forward pass takes ``size``-pixel images: traced with shapes
+    only (PyTorch's meta device: no memory, no arithmetic, milliseconds)."""
+    args = models.arch_args(model_params, num_classes=num_classes, image_size=size)
+    if "pretrained" in args:
+        args["pretrained"] = False  # shapes only: nothing to download
+    with torch.device("meta"), torch.no_grad():
+        model = models.build(model_params.arch, args, [0.0] * 3, [1.0] * 3).eval()
+        try:
+            out = model(torch.empty(2, 3, size, size, dtype=torch.uint8))
+        except (RuntimeError, ValueError):  # e.g. "Output size is too small" from a pooling layer
+            return False
+    return tuple(out.shape) == (2, num_classes)
 
 
 def resume(run: Run, path: Path) -> tuple[int, list[dict[str, float]]]:

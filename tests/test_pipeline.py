@@ -25,7 +25,7 @@ OUTPUTS = [
 
 def test_full_repro_writes_every_declared_output(project):
     proc = project.dvc("repro")
-    assert project.ran_stages(proc) == ["download", "preprocess", "train", "evaluate", "export"]
+    assert project.ran_stages(proc) == ["params", "download", "preprocess", "train", "evaluate", "export"]
     for rel in OUTPUTS:
         assert (project.path / rel).is_file(), rel
     assert any((project.path / "logs/train").glob("events.out.tfevents.*"))
@@ -60,9 +60,9 @@ def test_full_repro_writes_every_declared_output(project):
 def test_train_param_reruns_only_downstream(project):
     project.dvc("repro")
     project.set_params(train={"lr": 0.01})
-    assert project.ran_stages(project.dvc("repro")) == ["train", "evaluate", "export"]
+    assert project.ran_stages(project.dvc("repro")) == ["params", "train", "evaluate", "export"]
     project.set_params(evaluate={"tta_flip": True})
-    assert project.ran_stages(project.dvc("repro")) == ["evaluate"]
+    assert project.ran_stages(project.dvc("repro")) == ["params", "evaluate"]
     assert json.loads((project.path / "metrics/eval.json").read_text())["tta_flip"] is True
 
 
