@@ -71,6 +71,13 @@ class PreprocessParams(_Section):
     bad_images: Literal["fail", "skip"] = "fail"  # imagefolder: corrupt or non-image files
     workers: int = Field(0, ge=0, le=256)  # image-decoding threads; 0 = one per core
     sample_images: int = Field(64, ge=0, le=1024)  # images in the TensorBoard grid
+    # Limits on hostile or broken input, checked before the bytes are read or decoded. Megabytes
+    # are 10^6 bytes. A CIFAR-10 batch is 31 MB, a 24-megapixel JPEG photo about 10 MB.
+    max_member_mb: float = Field(64, gt=0, le=1_000_000)  # one archive member, uncompressed
+    max_total_mb: float = Field(200_000, gt=0, le=100_000_000)  # the whole archive, uncompressed
+    # Pixels of one image (width x height, from its header). The upper bound is Pillow's and
+    # OpenCV's hard limit here (imgclf.decode.BACKSTOP_PIXELS).
+    max_megapixels: float = Field(50, gt=0, le=178)
 
 
 class ModelParams(_Section):
