@@ -20,7 +20,7 @@ OUTPUTS = [
     "data/raw/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
     "data/processed/meta.json", "models/trained.pt", "models/model.pt", "models/model_state.pt",
     "metrics/train.json", "metrics/train_curve.csv", "metrics/eval.json", "metrics/predictions.csv",
-    "metrics/export.json",
+    "metrics/export.json", "metrics/live/metrics.json",
 ]
 
 
