@@ -41,7 +41,8 @@ def offline_copy(page: Path, work: Path) -> Path:
     if not wanted:
         raise SystemExit(f"{page}: no cdn.jsdelivr.net/npm script tags found; is it dvc plots show's page?")
     subprocess.run(["npm", "install", "--prefix", str(work), "--no-audit", "--no-fund", "--silent",
-                    "--legacy-peer-deps",  # the page pins versions whose peer ranges disagree; it loads each bundle alone
+                    # The page pins versions whose peer ranges disagree; it loads each prebuilt bundle alone.
+                    "--legacy-peer-deps",
                     *(f"{p}@{v}" for p, v in wanted.items())], check=True)
     html = CDN_SCRIPT.sub(lambda m: f'<script src="{local_bundle(work / "node_modules", m["pkg"]).as_uri()}">', html)
     copy = work / "index.html"
