@@ -30,6 +30,7 @@ from . import checkpoint, models
 from .bundle import make_bundle
 from .dataset import META_FILE, Cache, load_cache, load_meta
 from .distributed import Distributed, is_lost_peer, lost_peer_error
+from .epoch_log import EpochLog
 from .files import PipelineError, atomic_path, write_json
 from .params import ModelParams, TrainParams
 from .runtime import configure_threads, predict_logits, resolve_device, resolve_precision
@@ -37,9 +38,6 @@ from .step import Trainee, build_trainee, epoch_batches, run_steps
 from .transforms import Augmenter
 
 log = logging.getLogger(__name__)
-
-CURVE_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "seconds"]
-
 
 @dataclass
 class TrainPaths:
@@ -49,6 +47,7 @@ class TrainPaths:
     curve_out: Path  # per-epoch metrics for `dvc plots` (CSV)
     checkpoint: Path  # resumable state, outside DVC's outputs
     log_dir: Path | None  # TensorBoard
+    live_dir: Path | None = None  # DVCLive's latest-epoch summary
 
 
 @dataclass
@@ -85,9 +84,9 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     x_train = run.cache.train.images.to(run.device)
     y_train = run.cache.train.labels.to(run.device)
     augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip)
-    writer = _tensorboard(paths.log_dir) if run.dist.is_main else None
-    if writer is not None:
-        _log_start(writer, run, history, augmenter)  # before the wrap: the graph of the plain model
+    epoch_log = EpochLog(paths.curve_out, paths.log_dir, paths.live_dir, history) if run.dist.is_main else None
+    if epoch_log is not None and epoch_log.tensorboard is not None:
+        _log_start(epoch_log.tensorboard, run, augmenter)  # before the wrap: the graph of the plain model
     forward = run.dist.wrap(run.trainee.model)
     run.trainee.step.forward = torch.compile(forward) if t.compile else forward
     _log_plan(run)
@@ -96,10 +95,7 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
             row = one_epoch(run, epoch, augmenter, y_train)
             if row is not None:
                 history.append(row)
-                if writer is not None:
-                    _log_scalars(writer, row)
-                    writer.flush()
-                _write_curve(paths.curve_out, history)
+                epoch_log.add(row)
                 checkpoint.save(paths.checkpoint, fingerprint=run.fingerprint, epoch=epoch, history=history,
                                 model=run.trainee.model, step_state=run.trainee.step.state_dict(),
                                 model_params=model_params, t=t)
@@ -110,8 +106,8 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
         if run.dist.local_rank != 0:
             raise SystemExit(1) from None  # the same news for every process of a node: one says it
         raise lost_peer_error(e, t.dist_timeout, paths.checkpoint) from None
-    if writer is not None:
-        writer.close()
+    if epoch_log is not None:
+        epoch_log.close()
     return finish(run, history, paths)
 
 
@@ -288,7 +284,7 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
     return metrics
 
 
-# --- What a person watches: the log line, the curve file, TensorBoard -----------------------
+# --- What a person watches (each epoch's row: imgclf/epoch_log.py) ------------------------
 
 
 def _log_plan(run: Run) -> None:
@@ -303,28 +299,8 @@ def _log_plan(run: Run) -> None:
     )
 
 
-def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(",".join(CURVE_COLUMNS) + "\n")
-            for r in rows:
-                f.write(",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
-
-
-def _tensorboard(log_dir: Path | None):
-    if log_dir is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return SummaryWriter(log_dir=str(log_dir))
-
-
-def _log_start(writer, run: Run, history: list[dict[str, float]], augmenter: Augmenter) -> None:
-    """Replay a resumed run's history (DVC cleared the folder), a grid of augmented training
-    images and the model's graph (tutorial §3)."""
-    for row in history:
-        _log_scalars(writer, row)
+def _log_start(writer, run: Run, augmenter: Augmenter) -> None:
+    """A grid of augmented training images and the model's graph (tutorial §3)."""
     n = min(64, len(run.cache.train))
     sample = augmenter(torch.arange(n, device=run.device), torch.Generator(run.device).manual_seed(run.t.seed))
     writer.add_images("train/augmented samples", sample.cpu(), 0, dataformats="NCHW")
@@ -332,11 +308,3 @@ def _log_start(writer, run: Run, history: list[dict[str, float]], augmenter: Aug
     with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
         warnings.simplefilter("ignore", FutureWarning)
         writer.add_graph(graph_model, run.cache.train.images[:2].clone())
-
-
-def _log_scalars(writer, row: dict[str, float]) -> None:
-    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
-        split, name = k.split("_")
-        writer.add_scalar(f"{name}/{split}", row[k], row["epoch"])
-    writer.add_scalar("perf/lr", row["lr"], row["epoch"])
-    writer.add_scalar("perf/images_per_s", row["images_per_s"], row["epoch"])
