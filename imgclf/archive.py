@@ -9,6 +9,14 @@ An archive that ends early is refused, never read as a shorter complete one: a t
 with its zero blocks (``tarfile`` alone takes a tar cut at a member boundary as complete),
 a gzip stream is read to its end so its CRC and length are checked, and a zip member's CRC
 is checked as it is read. Every such error says "truncated or corrupt archive".
+
+Reading is bounded by :class:`Limits`, checked against the sizes the headers declare before
+any byte of a member is read: a member larger than ``member_bytes`` cannot be read (the
+caller decides whether that fails the stage or skips the member), and an archive whose
+members add up to more than ``total_bytes`` uncompressed is refused at the member that crosses
+the limit (a zip's total is known from its central directory, before anything is read).
+tarfile itself reads pax and GNU long-name headers whole and keeps every member's header;
+both are bounded here too, so a small compressed archive cannot expand into gigabytes.
 """
 
 from __future__ import annotations
@@ -26,6 +34,46 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from .files import PipelineError
+from .params import PreprocessParams
+
+MB = 10**6
+# A pax or GNU long-name header is read whole by tarfile: names, link targets, extended
+# attributes. Real ones are a few hundred bytes; 1 MiB leaves room for large xattrs.
+MAX_HEADER_BYTES = 1 << 20
+MAX_GLOBAL_HEADER_BYTES = 1 << 20  # global pax headers accumulate for the rest of the archive
+MAX_LINK_TARGET_BYTES = 4096  # a zip symlink's target is its data: PATH_MAX on Linux
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What reading an archive may cost, in uncompressed bytes (see the module docstring)."""
+
+    member_bytes: int
+    total_bytes: int
+
+    @classmethod
+    def of(cls, pre: PreprocessParams) -> Limits:
+        return cls(member_bytes=round(pre.max_member_mb * MB), total_bytes=round(pre.max_total_mb * MB))
+
+
+DEFAULT_LIMITS = Limits.of(PreprocessParams())
+
+
+class MemberTooLargeError(PipelineError):
+    """A member over ``Limits.member_bytes``; ``reason`` is the message without the archive."""
+
+    def __init__(self, archive: Path, name: str, size: int, limit: int):
+        self.reason = (
+            f"{size / MB:.1f} MB uncompressed, over the limit of {limit / MB:g} MB (preprocess.max_member_mb)"
+        )
+        super().__init__(f"{archive}: member {name!r}: {self.reason}")
+
+
+def _total_too_large(archive: Path, name: str, limit: int) -> PipelineError:
+    return PipelineError(
+        f"{archive}: the archive holds more than {limit / MB:g} MB uncompressed (the limit, "
+        f"preprocess.max_total_mb), reached at member {name!r}; refused before reading it"
+    )
 
 
 @dataclass
@@ -34,7 +82,9 @@ class Member:
     path: str  # normalised and checked: relative, no '..', no '.' or empty parts
     kind: Literal["file", "link", "other"]  # "other": folders, devices, fifos
     link_target: str  # "link": the target's path from the archive root (checked)
-    read: Callable[[], bytes]  # "file": its bytes; valid only until the next member
+    read: Callable[[], bytes]  # "file": its bytes; valid only until the next member.
+    # Raises MemberTooLargeError, before reading, for a member over Limits.member_bytes.
+    size: int = 0  # "file": uncompressed bytes, as its header declares
 
 
 class NotAnArchiveError(PipelineError):
@@ -59,7 +109,7 @@ def open_archive(path: Path) -> BinaryIO:
         raise PipelineError(f"{path}: cannot open ({e.strerror or e}); run `dvc repro download`") from None
 
 
-def iter_members(fileobj: BinaryIO, archive: Path) -> Iterator[Member]:
+def iter_members(fileobj: BinaryIO, archive: Path, limits: Limits = DEFAULT_LIMITS) -> Iterator[Member]:
     """Members of a zip or a (compressed) tar, in archive order, each name checked.
 
     ``fileobj`` is the open archive (seekable); ``archive`` only names it in errors.
@@ -67,9 +117,9 @@ def iter_members(fileobj: BinaryIO, archive: Path) -> Iterator[Member]:
     head = fileobj.read(8)
     fileobj.seek(0)
     if head[:2] == b"PK" and head[2:4] in (b"\x03\x04", b"\x05\x06", b"\x07\x08"):
-        return _zip_members(fileobj, archive)
+        return _zip_members(fileobj, archive, limits)
     compression = next((c for magic, c in _MAGIC.items() if head.startswith(magic)), "tar")
-    return _tar_members(fileobj, archive, compression)
+    return _tar_members(fileobj, archive, compression, limits)
 
 
 def safe_path(name: str, archive: Path) -> str:
@@ -112,12 +162,33 @@ def corrupt(archive: Path, e: BaseException, member: str | None = None) -> Pipel
     )
 
 
+class _HeaderTooLarge(Exception):
+    def __init__(self, info: tarfile.TarInfo, limit: int):
+        super().__init__(
+            f"refusing a {info.size:,}-byte extended header (type {info.type!r}) before member "
+            f"{info.name!r}: over the {limit:,} bytes allowed"
+        )
+
+
 class _CheckedTarInfo(tarfile.TarInfo):
     """Records why tarfile stopped reading: only a zero block is a proper end of archive.
 
     ``TarFile.next()`` silently ends the iteration at a missing, short or garbled header
     after the first one, so a tar cut at a member boundary would otherwise read as complete.
+    Also refuses, before tarfile reads it whole, a pax or GNU long-name header over
+    MAX_HEADER_BYTES, and global pax headers over MAX_GLOBAL_HEADER_BYTES in all.
     """
+
+    def _proc_member(self, tar):  # type: ignore[override]
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.SOLARIS_XHDTYPE, tarfile.XGLTYPE):
+            if self.size > MAX_HEADER_BYTES:
+                raise _HeaderTooLarge(self, MAX_HEADER_BYTES)
+            if self.type == tarfile.XGLTYPE:
+                tar._imgclf_global_bytes = getattr(tar, "_imgclf_global_bytes", 0) + self.size
+                if tar._imgclf_global_bytes > MAX_GLOBAL_HEADER_BYTES:
+                    raise _HeaderTooLarge(self, MAX_GLOBAL_HEADER_BYTES)
+        return super()._proc_member(tar)
 
     @classmethod
     def fromtarfile(cls, tar):  # type: ignore[override]
@@ -130,11 +201,13 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise
 
 
-def _tar_members(fileobj: BinaryIO, archive: Path, compression: str) -> Iterator[Member]:
+def _tar_members(fileobj: BinaryIO, archive: Path, compression: str, limits: Limits) -> Iterator[Member]:
     # "r:gz" reads through GzipFile, which checks the CRC and length at the end of the stream
     # (drained below); tarfile's streaming "r|gz" never checks them. Both read sequentially.
     try:
         tar = tarfile.open(fileobj=fileobj, mode=f"r:{compression}", tarinfo=_CheckedTarInfo)
+    except _HeaderTooLarge as e:
+        raise PipelineError(f"{archive}: {e}") from None
     except _ARCHIVE_ERRORS as e:
         if compression == "tar" and not _is_ustar(fileobj):
             raise NotAnArchiveError(archive, str(e)) from None
@@ -142,14 +215,25 @@ def _tar_members(fileobj: BinaryIO, archive: Path, compression: str) -> Iterator
     current = None
     with tar:
         try:
-            for info in tar:
+            while True:
+                # tarfile keeps every header it has read (TarFile.members, ~0.5 kB each): drop
+                # them, so a million empty members cost nothing. Nothing here looks them up.
+                tar.members.clear()
+                info = tar.next()
+                if info is None:
+                    break
                 current = info.name
+                # Where this member's data ends in the uncompressed stream: every byte before it,
+                # headers and padding included, counts towards the total.
+                if info.offset_data + info.size > limits.total_bytes:
+                    raise _total_too_large(archive, info.name, limits.total_bytes)
                 path = safe_path(info.name, archive)
                 if info.issym() or info.islnk():
                     target = safe_link(info.name, path, info.linkname, archive, symlink=info.issym())
                     yield Member(info.name, path, "link", target, bytes)
                 elif info.isfile():
-                    yield Member(info.name, path, "file", "", functools.partial(_read_tar_member, tar, info, archive))
+                    read = functools.partial(_read_tar_member, tar, info, archive, limits.member_bytes)
+                    yield Member(info.name, path, "file", "", read, info.size)
                 else:  # folders, devices, fifos: nothing to read, never created
                     yield Member(info.name, path, "other", "", bytes)
             current = None
@@ -159,11 +243,15 @@ def _tar_members(fileobj: BinaryIO, archive: Path, compression: str) -> Iterator
                 pass
         except PipelineError:
             raise
+        except _HeaderTooLarge as e:
+            raise PipelineError(f"{archive}: {e}") from None
         except _ARCHIVE_ERRORS as e:
             raise corrupt(archive, e, current) from None
 
 
-def _read_tar_member(tar: tarfile.TarFile, info: tarfile.TarInfo, archive: Path) -> bytes:
+def _read_tar_member(tar: tarfile.TarFile, info: tarfile.TarInfo, archive: Path, limit: int) -> bytes:
+    if info.size > limit:
+        raise MemberTooLargeError(archive, info.name, info.size, limit)
     try:
         return tar.extractfile(info).read()  # type: ignore[union-attr]
     except _ARCHIVE_ERRORS as e:  # the data ends early, bad compressed data
@@ -177,16 +265,25 @@ def _is_ustar(fileobj: BinaryIO) -> bool:
     return magic == b"ustar"
 
 
-def _zip_members(fileobj: BinaryIO, archive: Path) -> Iterator[Member]:
+def _zip_members(fileobj: BinaryIO, archive: Path, limits: Limits) -> Iterator[Member]:
     try:
         zf = zipfile.ZipFile(fileobj)
     except _ARCHIVE_ERRORS as e:
         raise corrupt(archive, e) from None
     with zf:
+        # The central directory declares every size up front, and zipfile never returns more
+        # than a member's declared size: the total is checked before anything is read.
+        total = 0
+        for info in zf.infolist():
+            total += info.file_size
+            if total > limits.total_bytes:
+                raise _total_too_large(archive, info.filename, limits.total_bytes)
         for info in zf.infolist():
             path = safe_path(info.filename, archive)
 
-            def read(info: zipfile.ZipInfo = info) -> bytes:
+            def read(info: zipfile.ZipInfo = info, limit: int = limits.member_bytes) -> bytes:
+                if info.file_size > limit:
+                    raise MemberTooLargeError(archive, info.filename, info.file_size, limit)
                 try:
                     return zf.read(info)
                 except (RuntimeError, NotImplementedError) as e:  # encrypted, unsupported method
@@ -195,10 +292,15 @@ def _zip_members(fileobj: BinaryIO, archive: Path) -> Iterator[Member]:
                     raise corrupt(archive, e, info.filename) from None
 
             if stat.S_ISLNK(info.external_attr >> 16):  # a Unix symlink: its data is the target
+                if info.file_size > MAX_LINK_TARGET_BYTES:
+                    raise PipelineError(
+                        f"{archive}: refusing archive member {info.filename!r}: a symlink whose "
+                        f"target is {info.file_size:,} bytes long (at most {MAX_LINK_TARGET_BYTES})"
+                    )
                 target = read().decode("utf-8", "surrogateescape")
                 target = safe_link(info.filename, path, target, archive, symlink=True)
                 yield Member(info.filename, path, "link", target, bytes)
             elif info.is_dir():
                 yield Member(info.filename, path, "other", "", bytes)
             else:
-                yield Member(info.filename, path, "file", "", read)
+                yield Member(info.filename, path, "file", "", read, info.file_size)

@@ -1,4 +1,6 @@
-"""What every stage script shares: logging setup and turning PipelineError into one message."""
+"""What every stage script shares: logging setup, and every failure a user can act on turned
+into one line on stderr (no traceback): a PipelineError, or the operating system refusing a
+read or a write (a full disk, a read-only or forbidden folder)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .files import PipelineError
+from .files import PipelineError, describe_os_error
 
 
 def run_stage(name: str, work: Callable[[], object]) -> None:
@@ -21,6 +23,12 @@ def run_stage(name: str, work: Callable[[], object]) -> None:
     except PipelineError as e:
         # A clear message the user can act on; a traceback would bury it.
         print(f"error ({name}): {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        # Outputs are written by atomic_path, which names them (an OutputError, above); this is
+        # everything else the system refused: reading an input, making a folder.
+        where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+        print(f"error ({name}): {where}{describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

@@ -9,27 +9,53 @@ here, so a file gives identical pixels in training and in prediction.
   does; no compositing over a background colour).
 * JPEG EXIF orientation is applied, so a portrait phone photo is not learnt sideways.
 * Every image is resized to ``image_size`` x ``image_size`` (aspect ratio not kept, like
-  ``Resize((s, s))``): ``INTER_AREA`` when shrinking (it averages, so no aliasing),
-  ``INTER_LINEAR`` when enlarging. Resizing happens at the source bit depth.
+  ``Resize((s, s))``) by :func:`resize_square`: ``INTER_AREA`` when shrinking (it averages,
+  so no aliasing), ``INTER_LINEAR`` when enlarging. Resizing happens at the source bit depth.
+  It is the only resize in the project: the CIFAR-10 batches are resized by it too
+  (:func:`resize_images`), so the cache and ``imgclf-predict`` give identical pixels.
 * 16-bit images are then scaled to 8 bits by ``round(v / 257)``, which maps 0..65535 onto
   0..255 exactly (65535 -> 255, 32896 -> 128): no clipping, no bias. Float images (TIFF)
   are taken as 0..1 and clipped, as a float image has no fixed maximum.
+
+Decompression bombs: an image's width and height are read from its header before it is
+decoded (PNG and JPEG here, every other format through Pillow's lazy ``Image.open``), and
+an image over ``max_pixels`` is refused with a reason naming its size and the limit. A 219 kB
+PNG can hold 72 megapixels, 216 MB once decoded. For what no header reader understands,
+OpenCV's own ``OPENCV_IO_MAX_IMAGE_PIXELS`` (:data:`BACKSTOP_PIXELS`) is the backstop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
-import numpy as np
+# OpenCV refuses images over OPENCV_IO_MAX_IMAGE_PIXELS (its default is 2^30, 3 GB of pixels),
+# a value it reads once, when cv2 is imported: so it is set before the import. It is the
+# backstop for formats the header check below cannot read; 2 x 89,478,485 is Pillow's own
+# hard limit, and preprocess.max_megapixels may not go above it. A value already in the
+# environment is kept.
+BACKSTOP_PIXELS = 178_956_970
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(BACKSTOP_PIXELS))
 
-from .files import PipelineError
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .files import PipelineError  # noqa: E402
+from .params import PreprocessParams  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# The default pixel limit, preprocess.max_megapixels's; imgclf-predict uses it too.
+MAX_PIXELS = round(PreprocessParams().max_megapixels * 1e6)
+# Pillow warns about images over 89 megapixels when it opens them; the limit here is checked
+# right after and replaces that warning with an error naming the file.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # IMREAD_ANYDEPTH keeps 16-bit data 16-bit; IMREAD_ANYCOLOR keeps grayscale as one channel,
 # expands palettes to BGR and drops alpha. Unlike IMREAD_UNCHANGED it applies the EXIF
@@ -53,14 +79,109 @@ class ImageFileError(PipelineError):
         self.reason = reason
 
 
-def _decode(data: bytes, image_size: int, flags: int = DECODE_FLAGS) -> tuple[np.ndarray | None, str]:
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (they hold the size): C0-CF but C4 (DHT), C8 (JPG), CC (DAC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_MAX_SEGMENTS = 1024  # real files reach the frame header within a dozen segments
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        if i + 4 > len(data) or data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        elif marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the image's header, without decoding; None if no reader knows it.
+
+    PNG (the IHDR chunk, always first) and JPEG (the first frame header) are read here: they
+    are nearly every file, and this takes a microsecond where Pillow's ``Image.open`` takes
+    ~40 us holding the GIL. Every other format goes through Pillow, which reads headers only.
+    Raises ``PIL.Image.DecompressionBombError`` for an image over Pillow's hard limit.
+    """
+    if data[:8] == _PNG_MAGIC and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Image.DecompressionBombError:
+        raise
+    except Exception:  # not a format Pillow knows, or a header it cannot parse: OpenCV decides
+        return None
+
+
+def too_many_pixels(data: bytes, max_pixels: int, limit_name: str = "") -> str:
+    """The reason to refuse ``data`` without decoding it, or "" if its header is within the limit."""
+    limit = f"over the limit of {max_pixels / 1e6:g} megapixels" + (f" ({limit_name})" if limit_name else "")
+    try:
+        size = image_dimensions(data)
+    except Image.DecompressionBombError:
+        return f"more than {BACKSTOP_PIXELS / 1e6:.0f} megapixels (Pillow's hard limit), {limit}; not decoded"
+    if size is None or size[0] * size[1] <= max_pixels:
+        return ""
+    w, h = size
+    return f"{w} x {h} pixels ({w * h / 1e6:.1f} megapixels), {limit}; not decoded"
+
+
+def resize_square(img: np.ndarray, image_size: int) -> np.ndarray:
+    """``img`` (HW or HWC, any depth) resized to ``image_size`` square: INTER_AREA when
+    shrinking, INTER_LINEAR when enlarging; returned as is when already that size."""
+    h, w = img.shape[:2]
+    if (h, w) == (image_size, image_size):
+        return img
+    shrinking = h > image_size or w > image_size
+    return cv2.resize(
+        img, (image_size, image_size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    )
+
+
+def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
+    """A uint8 ``(N, C, H, W)`` batch resized by :func:`resize_square`, image by image (the
+    very call that decoding makes, so pixels match ``imgclf-predict`` exactly)."""
+    if images.shape[-2:] == (image_size, image_size):
+        return images
+    out = np.empty((len(images), images.shape[1], image_size, image_size), images.dtype)
+    for i, img in enumerate(images):
+        out[i] = resize_square(np.ascontiguousarray(img.transpose(1, 2, 0)), image_size).reshape(
+            image_size, image_size, -1
+        ).transpose(2, 0, 1)
+    return out
+
+
+def _decode(
+    data: bytes, image_size: int, flags: int = DECODE_FLAGS, *, max_pixels: int = MAX_PIXELS, limit_name: str = ""
+) -> tuple[np.ndarray | None, str]:
     """``(image, "")`` or ``(None, reason)``; the image is ``image_size`` square, uint8, and
-    either gray (2-D) or BGR: the caller converts to RGB, a whole chunk at a time in training."""
+    either gray (2-D) or BGR: the caller converts to RGB, a whole chunk at a time in training.
+    ``limit_name`` names ``max_pixels`` in the reason (the param that sets it)."""
     if not data:
         return None, "empty file"
+    reason = too_many_pixels(data, max_pixels, limit_name)
+    if reason:
+        return None, reason
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as e:  # OpenCV asserts on some malformed input instead of returning None
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(e):  # the backstop: a header only OpenCV reads
+            limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "?")
+            return None, f"more pixels than OpenCV's limit (OPENCV_IO_MAX_IMAGE_PIXELS = {limit}); not decoded"
         return None, f"not a decodable image (OpenCV: {str(e).strip().splitlines()[-1]})"
     if img is None or img.size == 0:
         return None, "not an image OpenCV can decode (corrupt, truncated or another file type)"
@@ -73,12 +194,7 @@ def _decode(data: bytes, image_size: int, flags: int = DECODE_FLAGS) -> tuple[np
     elif not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
         return None, f"unsupported image shape {img.shape}"
 
-    h, w = img.shape[:2]
-    if (h, w) != (image_size, image_size):
-        shrinking = h > image_size or w > image_size
-        img = cv2.resize(
-            img, (image_size, image_size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        )
+    img = resize_square(img, image_size)
 
     if img.dtype == np.uint16:
         # round(v / 257) in integers; v / 257 is never exactly x.5, so this rounds exactly.
@@ -107,10 +223,11 @@ def decode_image(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndar
     return _to_rgb(img)
 
 
-def load_image_file(path: str | os.PathLike, image_size: int) -> np.ndarray:
+def load_image_file(path: str | os.PathLike, image_size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read and decode one image file exactly as training images are decoded (HWC RGB uint8).
 
-    Raises :class:`ImageFileError` (a PipelineError) for a missing, unreadable or non-image file.
+    Raises :class:`ImageFileError` (a PipelineError) for a missing, unreadable or non-image
+    file, or one over ``max_pixels`` (refused from its header, before decoding).
     """
     path = Path(path)
     try:
@@ -121,13 +238,15 @@ def load_image_file(path: str | os.PathLike, image_size: int) -> np.ndarray:
         raise ImageFileError(path, "is a folder") from None
     except OSError as e:
         raise ImageFileError(path, f"cannot read ({e.strerror or e})") from None
-    img, reason = _decode(data, image_size)
+    img, reason = _decode(data, image_size, max_pixels=max_pixels)
     if img is None:
         raise ImageFileError(path, reason)
     return _to_rgb(img)
 
 
-def decode_chunk(chunk: list[bytes], image_size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def decode_chunk(
+    chunk: list[bytes], image_size: int, *, max_pixels: int = MAX_PIXELS, limit_name: str = ""
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode a chunk into one RGB CHW uint8 array; returns it and ``(row, reason)`` of failures.
 
     Images are stored as decoded (BGR, HWC; gray broadcast to three channels) and turned
@@ -137,7 +256,7 @@ def decode_chunk(chunk: list[bytes], image_size: int) -> tuple[np.ndarray, list[
     out = np.zeros((len(chunk), image_size, image_size, 3), np.uint8)
     bad: list[tuple[int, str]] = []
     for i, data in enumerate(chunk):
-        img, reason = _decode(data, image_size)
+        img, reason = _decode(data, image_size, max_pixels=max_pixels, limit_name=limit_name)
         if img is None:
             bad.append((i, reason))
         else:

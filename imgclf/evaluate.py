@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .bundle import model_from_bundle, read_bundle
-from .dataset import load_cache
-from .files import atomic_path, write_json
+from .dataset import META_FILE, load_cache, load_meta
+from .files import PipelineError, atomic_path, write_json
 from .params import EvaluateParams
 from .runtime import predict_logits, resolve_device
 
@@ -41,6 +43,12 @@ def tta_logits(model: nn.Module, images: torch.Tensor, e: EvaluateParams, device
 
 def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: EvaluateParams,
              metrics_out: str | os.PathLike, predictions_out: str | os.PathLike) -> dict[str, Any]:
+    image_size = int(load_meta(cache_dir)["image_size"])
+    if e.tta_shift >= image_size:  # reflect padding must be narrower than the image
+        raise PipelineError(
+            f"evaluate.tta_shift = {e.tta_shift} must be smaller than the images (preprocess.image_size = "
+            f"{image_size}, in {Path(cache_dir) / META_FILE})"
+        )
     bundle = read_bundle(model_path)
     model = model_from_bundle(bundle)
     device = resolve_device("auto")
@@ -64,11 +72,12 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: Eva
     }
     write_json(metrics_out, metrics)
     # One row per test image, for DVC's confusion-matrix template (x: actual, y: predicted).
+    # The csv module quotes a class name holding a comma or a quote (a folder "cats, big").
     with atomic_path(predictions_out) as tmp:
-        with open(tmp, "w") as f:
-            f.write("actual,predicted\n")
-            for a, p in zip(labels.tolist(), pred.tolist()):
-                f.write(f"{classes[a]},{classes[p]}\n")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            rows = csv.writer(f, lineterminator="\n")
+            rows.writerow(["actual", "predicted"])
+            rows.writerows((classes[a], classes[p]) for a, p in zip(labels.tolist(), pred.tolist(), strict=True))
     views = (2 if e.tta_flip else 1) * (3 if e.tta_shift else 1)
     log.info("test accuracy %.4f, loss %.4f on %d images%s", metrics["test_acc"], metrics["test_loss"],
              len(labels), f" ({views} test-time views)" if views > 1 else "")

@@ -17,7 +17,11 @@ name replaces an earlier one, as extracting the archive would.
 
 Images are decoded by :mod:`imgclf.decode` (the rules are there) on a thread pool (OpenCV
 releases the GIL) while the main thread reads members. Bad images fail the stage, naming
-every one, or are left out with a warning (``bad_images="skip"``).
+every one, or are left out with a warning (``bad_images="skip"``). So are images over a
+limit: a member larger than ``limits.member_bytes`` (never read) and an image over
+``max_pixels`` (never decoded). An archive over ``limits.total_bytes`` always fails. Memory
+stays bounded whatever the archive holds: one member is read at a time, and the encoded
+images waiting for a decode thread are bounded in count and in bytes (``IN_FLIGHT_BYTES``).
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .archive import NotAnArchiveError, iter_members, open_archive
+from .archive import DEFAULT_LIMITS, Limits, MemberTooLargeError, NotAnArchiveError, iter_members, open_archive
 from .dataset import RawDataset, Split
-from .decode import decode_chunk, opencv_for_threads
+from .decode import MAX_PIXELS, decode_chunk, opencv_for_threads
 from .files import PipelineError
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 SPLIT_FOLDERS = ("train", "test", "val")
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 CHUNK = 256  # images per decode task: large enough to amortise the hand-off, small for balance
+# Encoded bytes queued for or being decoded, all tasks together. A task is sent off early once
+# its images reach a share of this, so every thread still has two tasks to work on.
+IN_FLIGHT_BYTES = 32 * 2**20
 MAX_LINK_HOPS = 8
 SHOW_BAD = 10  # bad files named in an error or warning
 
@@ -74,43 +81,56 @@ class _Image:
     path: str
     split: str  # train, test or val
     cls: str
-    source: int  # its row among the decoded images; -1 for a link not yet resolved
+    source: int  # its row among the decoded images; -1 for a link not yet resolved, or not read
     target: str | None = None  # links: the path they point at
+    refused: str = ""  # why it was not read (over a limit)
 
 
 class _Decoder:
     """Reads members in the calling thread and decodes them in chunks on a thread pool.
 
-    Row ``i`` of the decoded images lives in ``blocks[i // CHUNK]``. At most two chunks per
-    thread wait in the queue, which bounds the encoded bytes held in memory.
+    ``blocks`` holds the decoded chunks as ``(first row, images)``. At most two chunks per
+    thread wait or are being decoded, and at most IN_FLIGHT_BYTES of encoded images besides
+    the chunk just sent: the encoded bytes held in memory stay under IN_FLIGHT_BYTES plus one
+    chunk (a chunk ends once it reaches its share, so at most that share plus one member).
     """
 
-    def __init__(self, pool: ThreadPoolExecutor, workers: int, image_size: int):
-        self.pool, self.workers, self.image_size = pool, workers, image_size
+    def __init__(self, pool: ThreadPoolExecutor, workers: int, image_size: int, max_pixels: int):
+        self.pool, self.workers, self.image_size, self.max_pixels = pool, workers, image_size, max_pixels
+        self.chunk_limit = IN_FLIGHT_BYTES // (2 * workers)  # bytes that end a chunk early
         self.rows = 0
         self.chunk: list[bytes] = []
-        self.pending: collections.deque[Future] = collections.deque()
-        self.blocks: list[np.ndarray] = []
+        self.chunk_bytes = 0
+        self.pending: collections.deque[tuple[int, int, Future]] = collections.deque()  # first row, bytes, task
+        self.pending_bytes = 0
+        self.blocks: list[tuple[int, np.ndarray]] = []
         self.failed: dict[int, str] = {}  # row -> reason
 
     def add(self, data: bytes) -> int:
         self.chunk.append(data)
+        self.chunk_bytes += len(data)
         self.rows += 1
-        if len(self.chunk) == CHUNK:
+        if len(self.chunk) == CHUNK or self.chunk_bytes >= self.chunk_limit:
             self._submit()
         return self.rows - 1
 
     def _submit(self) -> None:
-        self.pending.append(self.pool.submit(decode_chunk, self.chunk, self.image_size))
-        self.chunk = []
-        while len(self.pending) > 2 * self.workers:
+        task = self.pool.submit(
+            decode_chunk, self.chunk, self.image_size,
+            max_pixels=self.max_pixels, limit_name="preprocess.max_megapixels",
+        )
+        self.pending.append((self.rows - len(self.chunk), self.chunk_bytes, task))
+        self.pending_bytes += self.chunk_bytes
+        self.chunk, self.chunk_bytes = [], 0
+        while len(self.pending) > 2 * self.workers or self.pending_bytes > IN_FLIGHT_BYTES:
             self._collect_oldest()
 
     def _collect_oldest(self) -> None:
-        out, failures = self.pending.popleft().result()
-        base = len(self.blocks) * CHUNK
-        self.blocks.append(out)
-        self.failed.update((base + row, reason) for row, reason in failures)
+        first, nbytes, task = self.pending.popleft()
+        self.pending_bytes -= nbytes
+        out, failures = task.result()
+        self.blocks.append((first, out))
+        self.failed.update((first + row, reason) for row, reason in failures)
 
     def finish(self) -> None:
         if self.chunk:
@@ -119,29 +139,29 @@ class _Decoder:
             self._collect_oldest()
 
     def cancel(self) -> None:
-        for fut in self.pending:
-            fut.cancel()
+        for _, _, task in self.pending:
+            task.cancel()
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """The decoded images of ``rows``, in that order, as one preallocated array."""
         out = np.empty((len(rows), 3, self.image_size, self.image_size), np.uint8)
-        for k, block in enumerate(self.blocks):  # block by block: no second full-size copy
-            sel = np.flatnonzero((rows >= k * CHUNK) & (rows < (k + 1) * CHUNK))
+        for first, block in self.blocks:  # block by block: no second full-size copy
+            sel = np.flatnonzero((rows >= first) & (rows < first + len(block)))
             if len(sel):
-                out[sel] = block[rows[sel] - k * CHUNK]
+                out[sel] = block[rows[sel] - first]
         return out
 
 
-def _resolve_link(image: _Image, latest: dict[str, _Image]) -> int:
-    """The decoded row a link ends at (following links to links), or -1."""
+def _resolve_link(image: _Image, latest: dict[str, _Image]) -> _Image | None:
+    """The image a link ends at (following links to links), or None."""
     for _ in range(MAX_LINK_HOPS):
-        if image.source >= 0 or image.target is None:
-            break
+        if image.target is None:
+            return image
         nxt = latest.get(image.target)
         if nxt is None:
-            return -1
+            return None
         image = nxt
-    return image.source
+    return None
 
 
 def read_archive(
@@ -150,11 +170,14 @@ def read_archive(
     image_size: int,
     bad_images: Literal["fail", "skip"] = "fail",
     workers: int = 0,
+    limits: Limits = DEFAULT_LIMITS,
+    max_pixels: int = MAX_PIXELS,
 ) -> RawDataset:
     """Decode every image of an image-folder archive into uint8 ``(N, 3, size, size)`` splits.
 
-    ``bad_images="fail"`` raises a PipelineError naming every file that does not decode;
-    ``"skip"`` leaves them out with a warning. ``workers`` decode threads; 0 = one per core.
+    ``bad_images="fail"`` raises a PipelineError naming every file that does not decode or is
+    over a limit; ``"skip"`` leaves them out with a warning. ``workers`` decode threads; 0 =
+    one per core. ``limits`` bound the archive's members, ``max_pixels`` each image.
     """
     archive = Path(archive)
     if bad_images not in ("fail", "skip"):
@@ -167,10 +190,10 @@ def read_archive(
     raw = open_archive(archive)
     size = os.fstat(raw.fileno()).st_size
     with raw, opencv_for_threads(), ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        decoder = _Decoder(pool, workers, image_size)
+        decoder = _Decoder(pool, workers, image_size, max_pixels)
         try:
             with tqdm(total=size, unit="B", unit_scale=True, desc="decode", disable=None) as bar:
-                for m in iter_members(raw, archive):  # every member's name is checked, used or not
+                for m in iter_members(raw, archive, limits):  # every member's name is checked, used or not
                     where = _layout(m.path) if m.kind != "other" else None
                     if where is None:
                         ignored += m.kind == "file"
@@ -180,7 +203,13 @@ def read_archive(
                     if m.kind == "link":
                         latest[m.path] = _Image(m.path, split, cls, -1, m.link_target)
                         continue
-                    latest[m.path] = _Image(m.path, split, cls, decoder.add(m.read()))
+                    try:
+                        data = m.read()
+                    except MemberTooLargeError as e:  # refused from its header: never read
+                        latest[m.path] = _Image(m.path, split, cls, -1, refused=e.reason)
+                        continue
+                    latest[m.path] = _Image(m.path, split, cls, decoder.add(data))
+                    del data  # the decoder holds it until decoded, and no longer
                     if decoder.rows % CHUNK == 0:
                         bar.update(raw.tell() - bar.n)
                 decoder.finish()
@@ -206,11 +235,14 @@ def read_archive(
 
     failed: dict[str, str] = {}  # path -> reason
     for image in latest.values():
-        if image.target is not None:
-            image.source = _resolve_link(image, latest)
-            if image.source < 0:
-                failed[image.path] = f"link to {image.target!r}, which is not an image in a class folder"
-        if image.source in decoder.failed:
+        end = _resolve_link(image, latest)
+        if end is None:
+            failed[image.path] = f"link to {image.target!r}, which is not an image in a class folder"
+            continue
+        image.source = end.source
+        if end.refused:
+            failed[image.path] = end.refused
+        elif image.source in decoder.failed:
             failed[image.path] = decoder.failed[image.source]
 
     present = {image.split for image in latest.values()}
@@ -245,6 +277,7 @@ def read_archive(
                 f"{archive}: {len(bad)} file(s) could not be decoded as images:\n  {listing}{more}\n"
                 "Fix or remove them, or leave them out with preprocess.bad_images=skip "
                 "(`dvc exp run -S preprocess.bad_images=skip`)"
+                + ("; raise the limit named if those files are genuine" if "over the limit" in listing else "")
             )
         log.warning(
             "%s: skipped %d file(s) that could not be decoded as images (preprocess.bad_images=skip):\n  %s%s",

@@ -1,19 +1,30 @@
 """The one params schema shared by every stage.
 
 ``params.yaml`` is validated as a whole before a stage touches any data: an unknown key (a
-typo in ``dvc exp run -S trian.lr=...`` silently *adds* a key), a wrong type or an
+typo in ``dvc exp run -S +trian.lr=...`` silently *adds* a key), a wrong type or an
 out-of-range value stops the stage with one message naming the key, the value and what is
 allowed. Each stage then reads only its own sections, and ``dvc.yaml`` declares exactly
-those keys.
+those keys; the ``params`` stage declares the whole file, so a misspelt *section*, which no
+other stage declares, still fails the next ``dvc repro``.
+
+Types are strict: ``epochs: true`` is not 1 and ``flip: 'off'`` is not false (pydantic would
+coerce both without a word); an int is still a float (``lr: 1``); floats must be finite. The
+file is read as DVC reads it (ruamel.yaml, YAML 1.2: ``1e-3`` is a number, ``off`` a string),
+so the value a stage uses is the one ``dvc params diff`` and ``dvc exp show`` report, and a
+key given twice is an error, as it is to DVC, not the last value silently.
+
+Checks that need the image size, which the preprocess stage decides (``meta.json``), are made
+by the stage that knows both: train (``crop_padding``, the architecture's smallest image) and
+evaluate (``tta_shift``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .files import PipelineError
@@ -27,7 +38,8 @@ class ParamsError(PipelineError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no true -> 1, 'off' -> False or '3' -> 3; an int is still accepted as a float.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DownloadParams(_Section):
@@ -59,6 +71,13 @@ class PreprocessParams(_Section):
     bad_images: Literal["fail", "skip"] = "fail"  # imagefolder: corrupt or non-image files
     workers: int = Field(0, ge=0, le=256)  # image-decoding threads; 0 = one per core
     sample_images: int = Field(64, ge=0, le=1024)  # images in the TensorBoard grid
+    # Limits on hostile or broken input, checked before the bytes are read or decoded. Megabytes
+    # are 10^6 bytes. A CIFAR-10 batch is 31 MB, a 24-megapixel JPEG photo about 10 MB.
+    max_member_mb: float = Field(64, gt=0, le=1_000_000)  # one archive member, uncompressed
+    max_total_mb: float = Field(200_000, gt=0, le=100_000_000)  # the whole archive, uncompressed
+    # Pixels of one image (width x height, from its header). The upper bound is Pillow's and
+    # OpenCV's hard limit here (imgclf.decode.BACKSTOP_PIXELS).
+    max_megapixels: float = Field(50, gt=0, le=178)
 
 
 class ModelParams(_Section):
@@ -68,7 +87,7 @@ class ModelParams(_Section):
 
 
 class AugmentParams(_Section):
-    crop_padding: int = Field(4, ge=0, le=64)  # pixels of reflect padding before a random crop
+    crop_padding: int = Field(4, ge=0, le=64)  # pixels of reflect padding before a random crop; < image size
     flip: bool = True  # random horizontal flip
 
 
@@ -81,7 +100,7 @@ class TrainParams(_Section):
     nesterov: bool = True  # sgd only
     weight_decay: float = Field(5e-4, ge=0, le=1)
     schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
-    warmup_epochs: float = Field(1.0, ge=0)  # cosine/linear only
+    warmup_epochs: float = Field(1.0, ge=0, le=10_000)  # cosine/linear only
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: AugmentParams = AugmentParams()
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -128,7 +147,7 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     batch_size: int = Field(1000, ge=1, le=65_536)
     tta_flip: bool = False  # average logits of the image and its mirror
-    tta_shift: int = Field(0, ge=0, le=8)  # pixels: also average views shifted by (+s,+s), (-s,-s); 0 = off
+    tta_shift: int = Field(0, ge=0, le=8)  # pixels: also average views shifted by (+s,+s), (-s,-s); 0 = off; < image size
 
 
 class ExportParams(_Section):
@@ -144,6 +163,17 @@ class Params(_Section):
     export: ExportParams = ExportParams()
 
 
+# What a strict type error means in params.yaml's terms.
+_EXPECTED = {
+    "bool_type": "must be true or false",
+    "int_type": "must be a whole number",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "finite_number": "must be a finite number",
+    "model_type": "must be a section (a mapping of keys)",
+}
+
+
 def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"])
     value = err.get("input")
@@ -154,8 +184,9 @@ def _describe(err: dict[str, Any]) -> str:
             model = model.model_fields[part].annotation  # type: ignore[assignment]
         allowed = ", ".join(model.model_fields)
         where = ".".join(str(p) for p in parent) or "the top level"
-        return f"unknown key {key!r} (value {value!r}); the keys of {where} are: {allowed}"
-    msg = err["msg"].removeprefix("Value error, ")
+        what = "section" if not parent else "key"
+        return f"unknown {what} {key!r} (value {value!r}); the keys of {where} are: {allowed}"
+    msg = _EXPECTED.get(err["type"]) or err["msg"].removeprefix("Value error, ")
     return f"{key} = {value!r}: {msg}"
 
 
@@ -171,13 +202,34 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(lines)) from None
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML file at ``path`` as DVC reads it (ruamel.yaml's safe loader, YAML 1.2)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.constructor import DuplicateKeyError
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run stages from the project root)") from None
+    try:
+        return YAML(typ="safe").load(text)
+    except DuplicateKeyError as e:
+        found = re.search(r'found duplicate key "(.*)" with value', e.problem or "")
+        key = found.group(1) if found else "?"
+        first = e.context_mark.line + 1 if e.context_mark else "?"
+        raise ParamsError(
+            f"{path}, line {e.problem_mark.line + 1}: key {key!r} is given twice in the mapping that "
+            f"starts at line {first}; delete one (DVC refuses such a file too)"
+        ) from None
+    except MarkedYAMLError as e:
+        where = f", line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ParamsError(f"{path}{where}: not valid YAML: {e.problem or e.context}") from None
+    except YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate the whole params file (every stage calls this first)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: not found (run stages from the project root)") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML: {e}") from None
-    return parse_params(raw, str(path))
+    return parse_params(read_yaml(path), str(path))

@@ -21,6 +21,7 @@ WHOLE_MODEL = MODELS_DIR / "model.pt"  # export: torch.save(model)
 STATE_DICT = MODELS_DIR / "model_state.pt"  # export: state_dict + what rebuilds the model
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAIN_CURVE = METRICS_DIR / "train_curve.csv"
+LIVE_DIR = METRICS_DIR / "live"  # train: DVCLive writes metrics.json there after every epoch
 EVAL_METRICS = METRICS_DIR / "eval.json"
 PREDICTIONS = METRICS_DIR / "predictions.csv"
 EXPORT_METRICS = METRICS_DIR / "export.json"

@@ -1,4 +1,4 @@
-"""Classify image files with the exported model.
+r"""Classify image files with the exported model.
 
     imgclf-predict [--model models/model_state.pt] [--top-k 3] [--json] PATHS...
     python -m imgclf.predict photo.jpg holiday/          # folders are searched recursively
@@ -7,7 +7,8 @@ Each image is decoded and resized by :func:`imgclf.decode.load_image_file`, the 
 code that built the training cache, to the ``image_size`` stored with the model; the model
 normalises the uint8 pixels itself. A file that cannot be read or decoded is reported on its
 own and the others are still classified. Exit status: 0 all classified, 1 some files failed,
-2 usage or model errors.
+2 usage or model errors. A file name that is not valid UTF-8 is shown with its undecodable
+bytes as ``\xNN`` (text and JSON alike), so printing it can never fail and lose the results.
 
 The default model file is the state_dict bundle, loaded with ``weights_only=True`` (tensors
 and plain data only). ``--whole-model`` unpickles a ``torch.save(model)`` file instead, which
@@ -34,6 +35,12 @@ from .files import PipelineError
 from .decode import IMAGE_SUFFIXES, ImageFileError, load_image_file
 
 BATCH_SIZE = 64  # images per forward pass: bounds memory for folders of large images
+
+
+def display_path(path: str | os.PathLike) -> str:
+    r"""``path`` as text any terminal or JSON parser takes: bytes that are not UTF-8 become
+    ``\xNN`` (Python holds them as lone surrogates, which a strict UTF-8 stream refuses)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str | None]]:
@@ -99,7 +106,7 @@ def predict_files(
         batch.clear()
 
     for path, error in find_images(paths):
-        result: dict[str, Any] = {"path": str(path)}
+        result: dict[str, Any] = {"path": display_path(path)}
         results.append(result)
         if error is not None:
             result["error"] = error
@@ -181,6 +188,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a class name the terminal cannot show must not lose the rest
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = parse_args(argv)  # exits with status 2 on a usage error
     try:
         model, bundle = load_model(args)

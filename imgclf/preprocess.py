@@ -10,22 +10,32 @@ from pathlib import Path
 import torch
 
 from . import cifar
+from .archive import Limits
 from .dataset import Cache, RawDataset, Split, save_cache
+from .decode import resize_images
 from .files import PipelineError, atomic_path
 from .params import PreprocessParams
-from .transforms import channel_stats, resize
+from .transforms import channel_stats
 
 log = logging.getLogger(__name__)
 
 
 def read_dataset(archive: Path, pre: PreprocessParams) -> RawDataset:
+    limits = Limits.of(pre)
     if pre.dataset == "cifar10":
-        return cifar.read_archive(archive)
-    from . import imagefolder  # OpenCV is only needed for image folders
+        return cifar.read_archive(archive, limits)
+    from . import imagefolder
 
     return imagefolder.read_archive(
-        archive, image_size=pre.image_size, bad_images=pre.bad_images, workers=pre.workers
+        archive, image_size=pre.image_size, bad_images=pre.bad_images, workers=pre.workers,
+        limits=limits, max_pixels=round(pre.max_megapixels * 1e6),
     )
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The uint8 batch at ``size`` x ``size``, by the resize that decoding and imgclf-predict
+    use (:func:`imgclf.decode.resize_square`), so every path gives the same pixels."""
+    return torch.from_numpy(resize_images(images.numpy(), size))
 
 
 def write_sample_grid(images: torch.Tensor, log_dir: str | os.PathLike) -> None:

@@ -28,8 +28,9 @@ from torch import nn
 
 from . import checkpoint, models
 from .bundle import make_bundle
-from .dataset import Cache, load_cache
+from .dataset import META_FILE, Cache, load_cache, load_meta
 from .distributed import Distributed, is_lost_peer, lost_peer_error
+from .epoch_log import EpochLog
 from .files import PipelineError, atomic_path, write_json
 from .params import ModelParams, TrainParams
 from .runtime import configure_threads, predict_logits, resolve_device, resolve_precision
@@ -37,9 +38,6 @@ from .step import Trainee, build_trainee, epoch_batches, run_steps
 from .transforms import Augmenter
 
 log = logging.getLogger(__name__)
-
-CURVE_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "seconds"]
-
 
 @dataclass
 class TrainPaths:
@@ -49,6 +47,7 @@ class TrainPaths:
     curve_out: Path  # per-epoch metrics for `dvc plots` (CSV)
     checkpoint: Path  # resumable state, outside DVC's outputs
     log_dir: Path | None  # TensorBoard
+    live_dir: Path | None = None  # DVCLive's latest-epoch summary
 
 
 @dataclass
@@ -85,9 +84,9 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     x_train = run.cache.train.images.to(run.device)
     y_train = run.cache.train.labels.to(run.device)
     augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip)
-    writer = _tensorboard(paths.log_dir) if run.dist.is_main else None
-    if writer is not None:
-        _log_start(writer, run, history, augmenter)  # before the wrap: the graph of the plain model
+    epoch_log = EpochLog(paths.curve_out, paths.log_dir, paths.live_dir, history) if run.dist.is_main else None
+    if epoch_log is not None and epoch_log.tensorboard is not None:
+        _log_start(epoch_log.tensorboard, run, augmenter)  # before the wrap: the graph of the plain model
     forward = run.dist.wrap(run.trainee.model)
     run.trainee.step.forward = torch.compile(forward) if t.compile else forward
     _log_plan(run)
@@ -96,10 +95,7 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
             row = one_epoch(run, epoch, augmenter, y_train)
             if row is not None:
                 history.append(row)
-                if writer is not None:
-                    _log_scalars(writer, row)
-                    writer.flush()
-                _write_curve(paths.curve_out, history)
+                epoch_log.add(row)
                 checkpoint.save(paths.checkpoint, fingerprint=run.fingerprint, epoch=epoch, history=history,
                                 model=run.trainee.model, step_state=run.trainee.step.state_dict(),
                                 model_params=model_params, t=t)
@@ -110,14 +106,17 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
         if run.dist.local_rank != 0:
             raise SystemExit(1) from None  # the same news for every process of a node: one says it
         raise lost_peer_error(e, t.dist_timeout, paths.checkpoint) from None
-    if writer is not None:
-        writer.close()
+    if epoch_log is not None:
+        epoch_log.close()
     return finish(run, history, paths)
 
 
 def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     """Processes, device, precision and threads; the data; a fresh seeded model and step."""
     models.check_arch(model_params.arch)  # a typo fails before any data is read
+    meta = load_meta(cache_dir)  # the image size the preprocess stage chose
+    check_fits(model_params, t, image_size=int(meta["image_size"]), num_classes=len(meta["classes"]),
+               source=Path(cache_dir) / META_FILE)
     # The backend follows the training device: gloo for the CPU even where CUDA exists.
     dist = Distributed.from_env(resolve_device(t.device), timeout=t.dist_timeout)
     device = dist.device
@@ -165,6 +164,43 @@ def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cac
             "`dvc repro preprocess`) at the same commit on every node"
         )
     return cache, fp
+
+
+def check_fits(model_params: ModelParams, t: TrainParams, *, image_size: int, num_classes: int, source: Path) -> None:
+    """Refuse, before any training, params that pass the schema but cannot work at this image
+    size (which preprocess chose): a crop padding reflect padding cannot make, an architecture
+    whose forward pass would fail."""
+    where = f"preprocess.image_size = {image_size}, in {source}"
+    if t.augment.crop_padding >= image_size:
+        raise PipelineError(
+            f"train.augment.crop_padding = {t.augment.crop_padding} must be smaller than the images "
+            f"({where}): reflect padding cannot be as wide as the image"
+        )
+    if not _forward_works(model_params, num_classes, image_size):
+        smallest = next((s for s in _sizes_above(image_size) if _forward_works(model_params, num_classes, s)), None)
+        takes = f"the smallest size it takes is {smallest} pixels" if smallest else "it takes no size up to 1024"
+        raise PipelineError(f"model.arch = {model_params.arch!r} cannot classify {image_size}-pixel images ({where}): {takes}")
+
+
+def _sizes_above(size: int, largest: int = 1024) -> list[int]:
+    """Sizes to try, smallest first: every size to 64, then every 8 pixels (pooling networks
+    change what they take at multiples of their stride)."""
+    return [s for s in range(size + 1, largest + 1) if s <= 64 or s % 8 == 0]
+
+
+def _forward_works(model_params: ModelParams, num_classes: int, size: int) -> bool:
+    """Whether the architecture's forward pass takes ``size``-pixel images: traced with shapes
+    only (PyTorch's meta device: no memory, no arithmetic, milliseconds)."""
+    args = models.arch_args(model_params, num_classes=num_classes, image_size=size)
+    if "pretrained" in args:
+        args["pretrained"] = False  # shapes only: nothing to download
+    with torch.device("meta"), torch.no_grad():
+        model = models.build(model_params.arch, args, [0.0] * 3, [1.0] * 3).eval()
+        try:
+            out = model(torch.empty(2, 3, size, size, dtype=torch.uint8))
+        except (RuntimeError, ValueError):  # e.g. "Output size is too small" from a pooling layer
+            return False
+    return tuple(out.shape) == (2, num_classes)
 
 
 def resume(run: Run, path: Path) -> tuple[int, list[dict[str, float]]]:
@@ -249,7 +285,7 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
     return metrics
 
 
-# --- What a person watches: the log line, the curve file, TensorBoard -----------------------
+# --- What a person watches (each epoch's row: imgclf/epoch_log.py) ------------------------
 
 
 def _log_plan(run: Run) -> None:
@@ -264,28 +300,8 @@ def _log_plan(run: Run) -> None:
     )
 
 
-def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(",".join(CURVE_COLUMNS) + "\n")
-            for r in rows:
-                f.write(",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
-
-
-def _tensorboard(log_dir: Path | None):
-    if log_dir is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return SummaryWriter(log_dir=str(log_dir))
-
-
-def _log_start(writer, run: Run, history: list[dict[str, float]], augmenter: Augmenter) -> None:
-    """Replay a resumed run's history (DVC cleared the folder), a grid of augmented training
-    images and the model's graph (tutorial §3)."""
-    for row in history:
-        _log_scalars(writer, row)
+def _log_start(writer, run: Run, augmenter: Augmenter) -> None:
+    """A grid of augmented training images and the model's graph (tutorial §3)."""
     n = min(64, len(run.cache.train))
     sample = augmenter(torch.arange(n, device=run.device), torch.Generator(run.device).manual_seed(run.t.seed))
     writer.add_images("train/augmented samples", sample.cpu(), 0, dataformats="NCHW")
@@ -293,11 +309,3 @@ def _log_start(writer, run: Run, history: list[dict[str, float]], augmenter: Aug
     with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
         warnings.simplefilter("ignore", FutureWarning)
         writer.add_graph(graph_model, run.cache.train.images[:2].clone())
-
-
-def _log_scalars(writer, row: dict[str, float]) -> None:
-    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
-        split, name = k.split("_")
-        writer.add_scalar(f"{name}/{split}", row[k], row["epoch"])
-    writer.add_scalar("perf/lr", row["lr"], row["epoch"])
-    writer.add_scalar("perf/images_per_s", row["images_per_s"], row["epoch"])

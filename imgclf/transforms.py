@@ -1,9 +1,11 @@
-"""Batched tensor transforms: resizing, normalisation statistics and augmentation.
+"""Batched tensor transforms: normalisation statistics and augmentation.
 
 Everything here works on whole uint8 batches ``(N, 3, H, W)`` on whatever device holds them;
 there is no per-image Python. The tutorial's per-image ``v2`` pipeline
 (:func:`imgclf.tutorial.tutorial_transform`) is the reference these batched versions are
-tested against.
+tested against. Resizing is not here: the cache is resized by OpenCV, as decoding and
+``imgclf-predict`` resize (:func:`imgclf.decode.resize_square`), so every path gives the same
+pixels.
 """
 
 from __future__ import annotations
@@ -12,14 +14,6 @@ import torch
 from torchvision.transforms import v2
 
 CHUNK = 4096  # images per step when streaming over a split: bounds the float32 working set
-
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a uint8 batch to ``size`` x ``size`` (antialiased bilinear, as v2.Resize does)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    op = v2.Resize((size, size), antialias=True)
-    return torch.cat([op(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)])
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

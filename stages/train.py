@@ -29,6 +29,7 @@ def main() -> None:
             curve_out=paths.TRAIN_CURVE,
             checkpoint=paths.TRAIN_CHECKPOINT,
             log_dir=paths.LOGS_DIR / "train",
+            live_dir=paths.LIVE_DIR,
         ),
     )
 

@@ -190,3 +190,22 @@ def test_invalid_params_stop_before_any_data(project):
     proc = project.dvc("repro", "download", check=False)
     _assert_failed(proc, "preprocess.image_size = 'big'", "unknown key 'preprocess.sample_imgs'")
     assert not (project.path / "data/raw").exists()
+
+
+def test_cifar_cache_and_predict_resize_alike(cifar_archive, tmp_path):
+    # One resize for every path: a CIFAR-10 batch cached at 64 px and the same image given to
+    # imgclf-predict (decoded from a PNG) must hold identical pixels. (The cache used to be
+    # resized by torchvision, predict by OpenCV: 30% of the pixels differed.)
+    import cv2
+
+    from imgclf.decode import load_image_file
+
+    preprocess(cifar_archive, tmp_path / "processed", PreprocessParams(dataset="cifar10", image_size=64))
+    cached = torch.load(tmp_path / "processed/test.pt", weights_only=True)["images"]
+    raw = read_archive(cifar_archive).test.images
+    assert cached.shape == (50, 3, 64, 64)
+    for i in (0, 7, 49):
+        png = tmp_path / f"{i}.png"
+        cv2.imwrite(str(png), cv2.cvtColor(raw[i].permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR))
+        predicted = torch.from_numpy(load_image_file(png, 64)).permute(2, 0, 1)
+        assert torch.equal(predicted, cached[i]), f"image {i}: {(predicted != cached[i]).float().mean():.0%} of pixels differ"

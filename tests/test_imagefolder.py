@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from imgclf import decode, imagefolder
-from imgclf.decode import ImageFileError, decode_image, load_image_file
+from imgclf.archive import Limits
+from imgclf.decode import ImageFileError, decode_image, image_dimensions, load_image_file
 from imgclf.files import PipelineError
 from imgclf.imagefolder import read_archive
 
@@ -112,9 +113,13 @@ def test_result_does_not_depend_on_member_order_or_chunking(tmp_path, monkeypatc
     ref = read_archive(a, image_size=SIZE, workers=1)
     monkeypatch.setattr(imagefolder, "CHUNK", 2)  # many chunks, several in flight
     other = read_archive(b, image_size=SIZE, workers=3)
-    assert ref.classes == other.classes
-    for x, y in ((ref.train, other.train), (ref.test, other.test)):
-        assert (x.images == y.images).all() and (x.labels == y.labels).all()
+    monkeypatch.setattr(imagefolder, "CHUNK", 256)
+    monkeypatch.setattr(imagefolder, "IN_FLIGHT_BYTES", 600)  # chunks of ~100 bytes, ended by size
+    by_bytes = read_archive(b, image_size=SIZE, workers=3)
+    for d in (other, by_bytes):
+        assert ref.classes == d.classes
+        for x, y in ((ref.train, d.train), (ref.test, d.test)):
+            assert (x.images == y.images).all() and (x.labels == y.labels).all()
 
 
 def test_ignores_hidden_and_stray_files(tmp_path):
@@ -429,3 +434,135 @@ def test_preprocess_stage_reads_image_folders(tmp_path):
     archive = make_tar(tmp_path / "source.tar", dataset_members("x/"), mode="w")
     stats = preprocess(archive, tmp_path / "processed", PreprocessParams(dataset="imagefolder", image_size=SIZE))
     assert stats["num_train"] == 6 and stats["num_test"] == 3 and stats["classes"] == 3
+
+
+# --- Limits: members, archives, pixels -----------------------------------------------------
+
+
+def noise_png(h: int, w: int) -> bytes:
+    return encode(".png", np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+BIG = noise_png(24, 24)  # ~1.8 kB: over a 1 kB member limit, and 576 pixels
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zip"])
+def test_member_over_the_size_limit_fails_naming_it_and_the_limit(tmp_path, fmt):
+    members = {**dataset_members(), "train/ant/big.png": BIG}
+    archive = make_tar(tmp_path / "d.tar", members, "w") if fmt == "tar" else make_zip(tmp_path / "d.zip", members)
+    limits = Limits(member_bytes=1000, total_bytes=10**6)
+    with pytest.raises(PipelineError) as e:
+        read_archive(archive, image_size=SIZE, limits=limits)
+    assert f"train/ant/big.png: 0.0 MB uncompressed, over the limit of 0.001 MB (preprocess.max_member_mb)" in str(e.value)
+    d = read_archive(archive, image_size=SIZE, limits=limits, bad_images="skip")
+    check_solid_classes(d)  # left out; every other image kept
+
+
+def test_link_to_a_member_over_the_limit_gives_its_reason(tmp_path):
+    links = {"train/moth/link.png": (tarfile.SYMTYPE, "../ant/big.png")}
+    archive = make_tar(tmp_path / "d.tar", {**dataset_members(), "train/ant/big.png": BIG}, "w", links=links)
+    with pytest.raises(PipelineError) as e:
+        read_archive(archive, image_size=SIZE, limits=Limits(member_bytes=1000, total_bytes=10**6))
+    assert "2 file(s)" in str(e.value) and "train/moth/link.png: 0.0 MB uncompressed, over the limit" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zip"])
+def test_archive_over_the_total_limit_is_refused_at_the_member_that_crosses_it(tmp_path, fmt):
+    members = {**dataset_members(), "train/ant/big.png": BIG, "train/ant/after.png": png(RED_BGR)}
+    archive = make_tar(tmp_path / "d.tgz", members) if fmt == "tar" else make_zip(tmp_path / "d.zip", members)
+    if fmt == "tar":  # headers and padding count too: the total reached where big.png ends
+        with tarfile.open(archive) as tar:
+            big = tar.getmember("train/ant/big.png")
+        total = big.offset_data + big.size - 1
+    else:
+        total = sum(map(len, members.values())) - 1
+    with pytest.raises(PipelineError) as e:
+        read_archive(archive, image_size=SIZE, limits=Limits(member_bytes=10**6, total_bytes=total))
+    named = "train/ant/big.png" if fmt == "tar" else "train/ant/after.png"
+    assert f"more than {total / 1e6:g} MB uncompressed" in str(e.value) and repr(named) in str(e.value)
+    assert "preprocess.max_total_mb" in str(e.value)
+
+
+def test_oversized_tar_extended_header_is_refused_before_it_is_read(tmp_path):
+    archive = tmp_path / "d.tar.gz"
+    with tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("train/ant/x.png")
+        data = png(RED_BGR)
+        info.size = len(data)
+        info.pax_headers = {"comment": "x" * (2 << 20)}  # a 2 MB header, 2 kB compressed
+        tar.addfile(info, io.BytesIO(data))
+    assert archive.stat().st_size < 20_000
+    with pytest.raises(PipelineError, match=r"refusing a pax header of 2,097,1.. bytes at byte 0 of the tar \(at most 1,048,576\)"):
+        read_archive(archive, image_size=SIZE)
+
+
+def test_zip_symlink_with_a_long_target_is_refused(tmp_path):
+    path = make_zip(tmp_path / "evil.zip", dataset_members())
+    with zipfile.ZipFile(path, "a") as zf:
+        info = zipfile.ZipInfo("train/ant/link.png")
+        info.create_system = 3
+        info.external_attr = 0o120777 << 16
+        zf.writestr(info, "a/" * 5000)
+    with pytest.raises(PipelineError, match="refusing archive member 'train/ant/link.png': a symlink whose target is 10,000 bytes"):
+        read_archive(path, image_size=SIZE)
+
+
+# Every format's header reader (PNG, JPEG here; the rest through Pillow) against what OpenCV
+# decodes: width and height, not swapped, on a non-square image.
+HEADER_FORMATS = {
+    "png": encode(".png", solid((1, 2, 3))[:5]),
+    "jpg": encode(".jpg", solid((1, 2, 3))[:5]),
+    "bmp": encode(".bmp", solid((1, 2, 3))[:5]),
+    "webp": encode(".webp", solid((1, 2, 3))[:5]),
+    "tif": encode(".tiff", solid((1, 2, 3), dtype=np.uint16)[:5]),
+    "ppm": encode(".ppm", solid((1, 2, 3))[:5]),
+    "pgm": encode(".pgm", np.zeros((5, SIZE), np.uint8)),
+    "ras": encode(".ras", solid((1, 2, 3))[:5]),
+}
+
+
+def _pil_encoded(mode: str, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (SIZE, 5)).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+_EXIF = Image.Exif()
+_EXIF[0x0112] = 6  # rotated: OpenCV turns it upright, so only the pixel count is compared there
+HEADER_FORMATS["progressive.jpg"] = _pil_encoded("RGB", "JPEG", progressive=True)
+HEADER_FORMATS["palette.png"] = _pil_encoded("P", "PNG")
+HEADER_FORMATS["palette.bmp"] = _pil_encoded("P", "BMP")
+HEADER_FORMATS["exif.jpg"] = _pil_encoded("RGB", "JPEG", exif=_EXIF)
+
+
+@pytest.mark.parametrize("name", HEADER_FORMATS)
+def test_header_dimensions_match_the_decoded_image(name):
+    data = HEADER_FORMATS[name]
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), decode.DECODE_FLAGS)
+    assert image_dimensions(data) == (SIZE, 5)
+    if name == "exif.jpg":
+        assert decoded.shape[:2] == (SIZE, 5)  # turned upright: the same pixel count
+    else:
+        assert (decoded.shape[1], decoded.shape[0]) == (SIZE, 5)
+
+
+@pytest.mark.parametrize("name", ["png", "jpg", "bmp", "tif"])
+def test_image_over_the_pixel_limit_is_not_decoded(tmp_path, name):
+    data = HEADER_FORMATS[name]  # 8 x 5 = 40 pixels
+    assert decode_image(data, SIZE, name) is not None
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ImageFileError, match=r"8 x 5 pixels \(0.0 megapixels\), over the limit of 3.9e-05 megapixels; not decoded"):
+        load_image_file(tmp_path / name, SIZE, max_pixels=39)
+    assert load_image_file(tmp_path / name, SIZE, max_pixels=40).shape == (SIZE, SIZE, 3)
+
+
+def test_pixel_limit_in_an_archive_fails_or_skips(tmp_path, caplog):
+    archive = make_tar(tmp_path / "d.tar", {**dataset_members(), "test/ant/wide.png": noise_png(4, 20)}, "w")
+    with pytest.raises(PipelineError) as e:
+        read_archive(archive, image_size=SIZE, max_pixels=SIZE * SIZE)
+    msg = str(e.value)
+    assert "test/ant/wide.png: 20 x 4 pixels (0.0 megapixels), over the limit of 6.4e-05 megapixels (preprocess.max_megapixels)" in msg
+    assert "raise the limit named" in msg
+    with caplog.at_level(logging.WARNING, logger="imgclf.imagefolder"):
+        check_solid_classes(read_archive(archive, image_size=SIZE, max_pixels=SIZE * SIZE, bad_images="skip"))
+    assert "test/ant/wide.png" in caplog.text

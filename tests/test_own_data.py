@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,7 +21,9 @@ from imgclf.files import file_digest
 
 from helpers import run_env
 
-COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (210, 60, 30)}  # BGR, as OpenCV writes
+# A class folder's name may hold a comma and a quote: metrics/predictions.csv must quote it.
+RED = 'red, "big"'
+COLOURS = {RED: (40, 40, 220), "green": (40, 200, 40), "blue": (210, 60, 30)}  # BGR, as OpenCV writes
 
 
 def write_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> None:
@@ -48,17 +53,17 @@ def own_project(project):
 
 def test_image_folder_runs_the_whole_pipeline_and_rerun_rules(own_project):
     proj = own_project
-    assert proj.ran_stages(proj.dvc("repro")) == ["download", "preprocess", "train", "evaluate", "export"]
+    assert proj.ran_stages(proj.dvc("repro")) == ["params", "download", "preprocess", "train", "evaluate", "export"]
     meta = json.loads((proj.path / "data/processed/meta.json").read_text())
-    assert meta["classes"] == ["blue", "green", "red"]
+    assert meta["classes"] == ["blue", "green", RED]
     assert (meta["num_train"], meta["num_test"], meta["image_size"]) == (90, 24, 24)
     ev = json.loads((proj.path / "metrics/eval.json").read_text())
-    assert set(ev["per_class_acc"]) == {"blue", "green", "red"} and ev["test_acc"] > 0.6
+    assert set(ev["per_class_acc"]) == {"blue", "green", RED} and ev["test_acc"] > 0.6
 
     assert proj.ran_stages(proj.dvc("repro")) == []  # nothing changed, nothing runs
 
     # Changing one image reruns everything downstream of the data.
-    victim = proj.path / "data/source/shapes/train/red/000.png"
+    victim = proj.path / "data/source/shapes/train" / RED / "000.png"
     img = cv2.imread(str(victim))
     img[0, 0] = (0, 0, 0)
     cv2.imwrite(str(victim), img)
@@ -77,13 +82,38 @@ def test_predictions_match_the_evaluate_stage(own_project):
     predicted = json.loads(out.stdout)
     assert len(predicted) == 24
     # The evaluate stage's rows follow the cache's order: by class, then by path.
-    with open(proj.path / "metrics/predictions.csv") as f:
-        rows = list(csv.DictReader(f))
+    with open(proj.path / "metrics/predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["actual", "predicted"] and all(len(r) == 2 for r in rows)  # RED's comma is quoted
+    rows = [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
     files = sorted(predicted, key=lambda r: (Path(r["path"]).parent.name, r["path"]))
-    for row, pred in zip(rows, files):
+    assert len(rows) == len(files) == 24
+    for row, pred in zip(rows, files, strict=True):
         assert row["actual"] == Path(pred["path"]).parent.name
         assert row["predicted"] == pred["top"][0]["class"], pred["path"]
         assert sum(t["prob"] for t in pred["top"]) == pytest.approx(1.0, abs=1e-4)
+    # ...and `dvc plots show` still reads it: the confusion matrix has the class whole.
+    plots = json.loads(proj.dvc("plots", "show", "--json").stdout)["data"]
+    confusion = json.dumps(plots["Confusion matrix"])
+    assert json.dumps({"actual": RED})[1:-1] in confusion, confusion[:500]
+
+    # A file name that is not UTF-8, printed to a strict UTF-8 stdout: shown escaped, and every
+    # other result still printed.
+    odd = proj.path / os.fsdecode(b"odd-\xff.png")
+    shutil.copy(test_dir / "green" / "000.png", odd)
+    env = run_env() | {"PYTHONIOENCODING": "utf-8:strict"}
+    text = subprocess.run(
+        [sys.executable, "-m", "imgclf.predict", "--model", "models/model_state.pt", str(test_dir / "blue"), odd.name],
+        cwd=proj.path, env=env, capture_output=True,
+    )
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.decode("utf-8").splitlines()  # valid UTF-8
+    assert len(lines) == 8 + 1 and re.fullmatch(r"odd-\\xff\.png: \S.* \(\d+\.\d%\).*", lines[-1]), lines
+    as_json = subprocess.run(
+        [sys.executable, "-m", "imgclf.predict", "--model", "models/model_state.pt", "--json", odd.name],
+        cwd=proj.path, env=env, capture_output=True,
+    )
+    assert as_json.returncode == 0 and json.loads(as_json.stdout.decode("utf-8"))[0]["path"] == "odd-\\xff.png"
 
 
 def test_zip_archive_over_http_with_checksum(project, http_root, http_server, tmp_path):
@@ -99,4 +129,4 @@ def test_zip_archive_over_http_with_checksum(project, http_root, http_server, tm
                        download={"url": f"{http_server}/pets.zip", "md5": file_digest(http_root / "pets.zip")})
     assert project.ran_stages(project.dvc("repro", "preprocess")) == ["download", "preprocess"]
     meta = json.loads((project.path / "data/processed/meta.json").read_text())
-    assert meta["classes"] == ["blue", "green", "red"] and (meta["num_train"], meta["num_test"]) == (12, 6)
+    assert meta["classes"] == ["blue", "green", RED] and (meta["num_train"], meta["num_test"]) == (12, 6)

@@ -19,13 +19,13 @@ OUTPUTS = [
     "data/raw/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
     "data/processed/meta.json", "models/trained.pt", "models/model.pt", "models/model_state.pt",
     "metrics/train.json", "metrics/train_curve.csv", "metrics/eval.json", "metrics/predictions.csv",
-    "metrics/export.json",
+    "metrics/export.json", "metrics/live/metrics.json",
 ]
 
 
 def test_full_repro_writes_every_declared_output(project):
     proc = project.dvc("repro")
-    assert project.ran_stages(proc) == ["download", "preprocess", "train", "evaluate", "export"]
+    assert project.ran_stages(proc) == ["params", "download", "preprocess", "train", "evaluate", "export"]
     for rel in OUTPUTS:
         assert (project.path / rel).is_file(), rel
     assert any((project.path / "logs/train").glob("events.out.tfevents.*"))
@@ -47,22 +47,47 @@ def test_full_repro_writes_every_declared_output(project):
     metrics_files = {f for f in new if f.startswith("metrics/")}
     assert metrics_files == {f for f in OUTPUTS if f.startswith("metrics/")}
 
-    # `dvc plots show` renders the curves and the confusion matrix.
+    # `dvc plots show` renders the curves and the confusion matrix, with named axes.
     plots = json.loads(project.dvc("plots", "show", "--json").stdout)["data"]
     assert set(plots) == {"Loss", "Accuracy", "Confusion matrix"}
     confusion = json.dumps(plots["Confusion matrix"])
     assert '"actual": "airplane"' in confusion and '"predicted"' in confusion
+    specs = {name: plot[0]["content"] for name, plot in plots.items()}
+    assert axis_titles(specs["Loss"]) == {"x": {"epoch"}, "y": {"loss (cross-entropy)"}}
+    assert axis_titles(specs["Accuracy"]) == {"x": {"epoch"}, "y": {"accuracy (fraction right)"}}
+    assert axis_titles(specs["Confusion matrix"]) == {"x": {"actual class"}, "y": {"predicted class"}}
+    assert "test images" in specs["Confusion matrix"]["title"]["text"]
 
     # Nothing changed: nothing reruns.
     assert project.ran_stages(project.dvc("repro")) == []
 
 
+def axis_titles(spec) -> dict[str, set[str]]:
+    """The titles of the x and y axes anywhere in a Vega-Lite spec (layers, facets)."""
+    found: dict[str, set[str]] = {"x": set(), "y": set()}
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for axis in ("x", "y"):
+                enc = (node.get("encoding") or {}).get(axis)
+                if isinstance(enc, dict) and "title" in enc:
+                    found[axis].add(enc["title"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec)
+    return found
+
+
 def test_train_param_reruns_only_downstream(project):
     project.dvc("repro")
     project.set_params(train={"lr": 0.01})
-    assert project.ran_stages(project.dvc("repro")) == ["train", "evaluate", "export"]
+    assert project.ran_stages(project.dvc("repro")) == ["params", "train", "evaluate", "export"]
     project.set_params(evaluate={"tta_flip": True})
-    assert project.ran_stages(project.dvc("repro")) == ["evaluate"]
+    assert project.ran_stages(project.dvc("repro")) == ["params", "evaluate"]
     assert json.loads((project.path / "metrics/eval.json").read_text())["tta_flip"] is True
 
 

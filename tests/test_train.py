@@ -50,10 +50,11 @@ def test_bf16_channels_last_learns_as_well_as_fp32(cache_dir, tmp_path):
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # weights stay fp32
 
 
-@pytest.mark.parametrize("arch", ["seed_cnn", "resnet_fast"])
-def test_other_architectures_train(cache_dir, tmp_path, arch):
-    metrics, _ = run(cache_dir, tmp_path, ModelParams(arch=arch, width=8), epochs=2, lr=0.01)
-    assert 0 <= metrics["test_acc"] <= 1 and metrics["epochs"] == 2
+@pytest.mark.parametrize("arch,epochs,lr", [("seed_cnn", 2, 0.01), ("resnet_fast", 3, 0.05)])
+def test_other_architectures_train(cache_dir, tmp_path, arch, epochs, lr):
+    metrics, _ = run(cache_dir, tmp_path, ModelParams(arch=arch, width=8), epochs=epochs, lr=lr)
+    # Chance is 0.1; seeds 0-2 reached 0.6-0.8 here, for both.
+    assert metrics["test_acc"] > 0.4 and metrics["epochs"] == epochs
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adam", "cosine"), ("adamw", "linear"), ("sgd", "constant")])
@@ -143,3 +144,42 @@ def test_checkpoint_loads_without_unpickling_code_and_carries_its_params(cache_d
     assert ckpt["params"]["model"]["arch"] == "resnet_fast" and ckpt["params"]["train"]["lr"] == 0.2
     assert checkpoint.load(path, "f", torch.device("cpu"))["epoch"] == 3
     assert checkpoint.load(path, "other", torch.device("cpu")) is None and path.exists()
+
+
+@pytest.fixture(scope="module")
+def cache_dir_8px(tmp_path_factory, cifar_archive) -> Path:
+    out = tmp_path_factory.mktemp("cache8") / "processed"
+    preprocess(cifar_archive, out, PreprocessParams(image_size=8))
+    return out
+
+
+@pytest.mark.parametrize("model,train_kw,message", [
+    (ModelParams(arch="vgg16"), {},
+     r"^model.arch = 'vgg16' cannot classify 8-pixel images \(preprocess.image_size = 8, in .*meta.json\): "
+     r"the smallest size it takes is 32 pixels$"),
+    (ModelParams(), {"augment": {"crop_padding": 8}},
+     r"^train.augment.crop_padding = 8 must be smaller than the images \(preprocess.image_size = 8, in .*meta.json\)"),
+])
+def test_params_that_do_not_fit_the_image_size_fail_before_training(cache_dir_8px, tmp_path, model, train_kw, message):
+    """Params the schema accepts that would crash mid-run (reflect padding, a forward pass)
+    are refused at set-up, naming the keys and values; nothing is written."""
+    from imgclf.files import PipelineError
+
+    with pytest.raises(PipelineError, match=message):
+        run(cache_dir_8px, tmp_path, model, **train_kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_test_time_shift_must_be_smaller_than_the_images(cache_dir_8px, tmp_path):
+    from imgclf.evaluate import evaluate
+    from imgclf.files import PipelineError
+    from imgclf.params import EvaluateParams
+
+    with pytest.raises(PipelineError, match=r"^evaluate.tta_shift = 8 must be smaller than the images \(preprocess.image_size = 8"):
+        evaluate(tmp_path / "model.pt", cache_dir_8px, EvaluateParams(tta_shift=8), tmp_path / "eval.json", tmp_path / "p.csv")
+    assert list(tmp_path.iterdir()) == []
+    # 7 is smaller: it runs (seed_cnn_bn takes 8-pixel images).
+    run(cache_dir_8px, tmp_path / "train", epochs=1)
+    metrics = evaluate(tmp_path / "train/model.pt", cache_dir_8px, EvaluateParams(tta_shift=7), tmp_path / "eval.json",
+                       tmp_path / "p.csv")
+    assert metrics["tta_shift"] == 7 and metrics["num_test"] == 50

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,9 @@ def test_augmentation_is_a_function_of_the_generator_seed():
     a = augment_all(images, crop_padding=2, flip=True, seed=5)
     b = augment_all(images, crop_padding=2, flip=True, seed=5)
     assert torch.equal(a, b)
+    other = augment_all(images, crop_padding=2, flip=True, seed=6)
+    changed = sum(not torch.equal(x, y) for x, y in zip(a, other, strict=True))
+    assert changed > len(images) // 2  # another seed, other crops and flips for most images
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "linear", "constant"])
@@ -117,14 +121,40 @@ def test_fp16_is_refused_on_cpu():
     assert resolve_precision("fp32", torch.device("cpu")) is None
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
+    from dvc.utils.serialize import parse_yaml
+
     params = load_params(ROOT / "params.yaml")
-    assert params == Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    # Every value written in the file is the value the stages use: same value, same type (an
+    # int literal is allowed where the schema takes a float), nothing dropped or coerced.
+    written = _flat(parse_yaml((ROOT / "params.yaml").read_text(), "params.yaml"))
+    used = _flat(params.model_dump())
+    assert written.keys() <= used.keys()
+    for key, value in written.items():
+        assert used[key] == value, key
+        assert type(used[key]) is type(value) or (type(used[key]), type(value)) == (float, int), key
+
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    # The params stage alone declares the whole file (so a misspelt section fails `dvc repro`)
+    # and writes nothing, so nothing depends on it and it reruns no other stage.
+    whole = [name for name, st in stages.items() for k in st.get("params", []) if k == {"params.yaml": None}]
+    assert whole == ["params"] and "outs" not in stages["params"] and "metrics" not in stages["params"]
     seen = set()
     produced = {next(iter(o)) if isinstance(o, dict) else o for st in stages.values() for o in st.get("outs", [])}
     for name, stage in stages.items():
         for key in stage.get("params", []):
+            if name == "params":
+                continue
             section, _, field = key.partition(".")
             assert section in Params.model_fields, f"{name}: unknown params section {section}"
             if field:
@@ -141,6 +171,39 @@ def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
     assert seen == every_key, f"params no stage reads: {every_key - seen}"
 
 
+@pytest.mark.parametrize("text,message", [
+    ("train:\n  epochs: true\n", "train.epochs = True: must be a whole number"),
+    ("train:\n  epochs: '3'\n", "train.epochs = '3': must be a whole number"),
+    ("train:\n  augment:\n    flip: 'off'\n", "train.augment.flip = 'off': must be true or false"),
+    ("train:\n  augment:\n    flip: off\n", "train.augment.flip = 'off': must be true or false"),  # YAML 1.2, as DVC
+    ("train:\n  warmup_epochs: .inf\n", "train.warmup_epochs = inf: must be a finite number"),
+    ("train:\n  lr: .nan\n", "train.lr = nan: must be a finite number"),
+    ("evaluate:\n  tta_flip: 1\n", "evaluate.tta_flip = 1: must be true or false"),
+    ("trian:\n  lr: 0.1\n", "unknown section 'trian' (value {'lr': 0.1}); the keys of the top level are: download,"),
+    ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "params.yaml, line 4: key 'lr' is given twice in the mapping that starts at line 2"),
+    ("train:\n  lr: [0.1\n", "params.yaml, line 3: not valid YAML"),
+])
+def test_params_refuse_what_would_crash_or_be_coerced(tmp_path, text, message):
+    from imgclf.params import ParamsError
+
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError) as e:
+        load_params(tmp_path / "params.yaml")
+    assert message in str(e.value)
+
+
+def test_params_read_numbers_as_dvc_does(tmp_path):
+    """An int is a float (lr: 1) and 1e-3 is a number: the values DVC records in dvc.lock."""
+    from dvc.utils.serialize import parse_yaml
+
+    text = "train:\n  lr: 1\n  weight_decay: 1e-3\n  warmup_epochs: 010\n  augment:\n    flip: false\n"
+    (tmp_path / "params.yaml").write_text(text)
+    t = load_params(tmp_path / "params.yaml").train
+    dvc = parse_yaml(text, "params.yaml")["train"]
+    assert (t.lr, t.weight_decay, t.warmup_epochs, t.augment.flip) == (1.0, 0.001, 10.0, False)
+    assert (dvc["lr"], dvc["weight_decay"], dvc["warmup_epochs"], dvc["augment"]["flip"]) == (1, 0.001, 10, False)
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.bin"
     with pytest.raises(RuntimeError):
@@ -151,6 +214,58 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"whole")
     assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_path_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Without the fsyncs a power cut can leave a renamed file whose data never reached the
+    disk: a truncated checkpoint (issue 9)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b)))
+    with atomic_path(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"data")
+    assert [e[0] for e in events] == ["fsync", "rename", "fsync"]
+    assert Path(events[0][1]).name.startswith(".out.bin.tmp-") and events[2][1] == str(tmp_path)
+
+    events.clear()
+    with atomic_path(tmp_path / "folder", is_dir=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "a.pt").write_bytes(b"a")
+        (tmp / "sub/b.pt").write_bytes(b"b")
+    synced = {Path(p).name for kind, p in events[:-2] if kind == "fsync"}
+    assert {"a.pt", "b.pt", "sub"} <= synced and events[-2:] == [("rename", str(tmp_path / "folder")), ("fsync", str(tmp_path))]
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EFBIG", "EROFS"])
+def test_a_refused_write_names_the_output_and_leaves_the_old_one(tmp_path, errno_name):
+    import errno
+
+    from imgclf.files import OutputError
+
+    target = tmp_path / "models/model.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"previous export")
+    code = getattr(errno, errno_name)
+    with pytest.raises(OutputError, match=rf"^cannot write {target}: .* \({errno_name}\)"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(code, os.strerror(code))  # what a failed write() raises: no file name
+    assert target.read_bytes() == b"previous export" and list(target.parent.iterdir()) == [target]
+    # A folder output: the file inside that failed is named too.
+    with pytest.raises(OutputError, match=rf"^cannot write {tmp_path / 'cache'}: meta.json: .*\({errno_name}\)"):
+        with atomic_path(tmp_path / "cache", is_dir=True) as tmp:
+            with atomic_path(tmp / "meta.json") as inner:
+                raise OSError(code, os.strerror(code), str(inner))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    # An error reading some other file inside the block is not the output's: it passes unchanged.
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(target) as tmp:
+            open(tmp_path / "missing-input")
+    # A file where the output's folder should be.
+    with pytest.raises(OutputError, match=rf"cannot write {target}/x.json: {target} is a file, not a folder"):
+        with atomic_path(target / "x.json"):
+            pass
 
 
 def test_sources_resolve_to_paths_and_names(tmp_path):
