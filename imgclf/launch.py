@@ -23,10 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .files import PipelineError
-from .params import ModelParams, Params, TrainParams, load_params, parse_params
+from .params import ModelParams, Params, TrainParams, load_params, parse_params, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,10 @@ def read_params(path: Path, args: argparse.Namespace) -> Params:
     if args.set and not args.join:
         raise PipelineError("-S is for `--join` only; on the first node use `dvc exp run -S ...`")
     if args.set:
-        raw: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+        from ruamel.yaml import YAML
+
+        yaml = YAML(typ="safe")  # as DVC reads params.yaml and -S values (YAML 1.2)
+        raw: dict[str, Any] = read_yaml(path) or {}
         for item in args.set:
             key, sep, value = item.partition("=")
             parts = key.strip().split(".")
@@ -64,7 +65,7 @@ def read_params(path: Path, args: argparse.Namespace) -> Params:
                 section = section.setdefault(part, {})
                 if not isinstance(section, dict):
                     raise PipelineError(f"-S {item!r}: {part} is not a section")
-            section[parts[-1]] = yaml.safe_load(value)
+            section[parts[-1]] = yaml.load(value)
         params = parse_params(raw, f"{path} with -S {' -S '.join(args.set)}")
     if args.join and params.train.nodes == 1:
         raise PipelineError("--join joins a run of several nodes, but train.nodes = 1 "

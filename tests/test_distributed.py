@@ -181,7 +181,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 def test_a_killed_node_stops_the_run_clearly_and_the_rerun_resumes_to_the_one_process_result(nodes, tmp_path):
     """Node 2 dies mid-run: node 1 stops with one clear line and keeps its checkpoint; both
     rerun, resume, and end where one uninterrupted process ends (seed_cnn: no batch norm)."""
-    EPOCHS = 12  # an epoch takes ~0.3-1 s here; node 2 dies within ~0.1 s of the first checkpoint
+    EPOCHS = 8  # an epoch takes ~0.3-1 s here; node 2 dies within ~0.1 s of the first checkpoint
     node1, node2, endpoint = nodes
     # Node 2 gets the same values through -S, as node 1 would get them from `dvc exp run -S`.
     node1.set_params(model={"arch": "seed_cnn"}, train={"epochs": EPOCHS, "lr": 0.01})
