@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from . import sync_batchnorm
 from .files import PipelineError
-from .launch import FIRST_NODE_ENV
+from .launch import FIRST_NODE_ENV, STARTED_ENV
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Distributed:
             td.init_process_group(backend, store=store, rank=rank, world_size=world,
                                   timeout=timedelta(seconds=timeout))
         rank = td.get_rank()
+        if os.environ.get(STARTED_ENV):
+            Path(os.environ[STARTED_ENV]).touch()
         # Only rank 0 reports progress (cli.run_stage decided by torchrun's rank, before the remap).
         logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
         if rank == 0 and os.environ.get("RANK") != "0":

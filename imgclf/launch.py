@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 # Set for the workers: 1 on the first node (the one `dvc repro` runs), 0 on the nodes that
 # joined with `python stages/train.py --join`.
 FIRST_NODE_ENV = "IMGCLF_FIRST_NODE"
+# A file the workers create once they are in the process group: a rendezvous failing after
+# that (the first node, which hosts it, is gone) is something they have already reported.
+STARTED_ENV = "IMGCLF_WORKERS_STARTED"
 
 
 def parse_stage_args(argv: list[str]) -> argparse.Namespace:
@@ -107,10 +111,6 @@ def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: 
     quieted = "TORCH_CPP_LOG_LEVEL" not in os.environ
     if quieted:
         os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import (RendezvousConnectionError, RendezvousError,
-                                                          RendezvousTimeoutError)
     from torch.distributed.run import main as torchrun
 
     if quieted:
@@ -126,9 +126,25 @@ def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: 
     os.environ[FIRST_NODE_ENV] = "0" if join else "1"  # the workers inherit it
     # torchrun's agent logs each step of its work, and a failed worker as a report; the
     # worker prints its own one-line error, and the exceptions below are turned into one.
-    for name in ("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # (Each of its modules sets its logger's own level, so the parents' level is not enough.)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     where = f"train.rdzv_endpoint = {t.rdzv_endpoint}"
+    with tempfile.TemporaryDirectory(prefix="imgclf-launch-") as tmp:
+        started = Path(tmp) / "started"
+        os.environ[STARTED_ENV] = str(started)
+        _run(torchrun, args, model_params, t, join=join, where=where, started=started)
+
+
+def _run(torchrun, args: list[str], model_params: ModelParams, t: TrainParams, *, join: bool, where: str,
+         started: Path) -> None:
+    """torchrun's main, its failures turned into one line (or none where a worker printed one)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import (RendezvousConnectionError, RendezvousError,
+                                                          RendezvousTimeoutError)
+
     try:
         torchrun(args)
     except ChildFailedError as e:
@@ -139,8 +155,8 @@ def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: 
                 f"{killed[0].signal_name()} (out of memory?); rerun to resume from the last checkpoint"
             ) from None
         raise SystemExit(max(f.exitcode for f in e.failures.values()))  # the worker printed why
-    except SignalException as e:  # torchrun turns SIGINT/SIGTERM into this, after stopping the workers
-        raise KeyboardInterrupt from e
+    except SignalException:  # SIGINT/SIGTERM: torchrun passed it to the workers, which said so
+        raise SystemExit(130) from None
     except RendezvousTimeoutError:
         raise PipelineError(
             f"the {t.nodes} nodes did not all join the rendezvous {rendezvous_id(model_params, t)} at "
@@ -148,12 +164,14 @@ def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: 
             "--join` on the other nodes, at the same commit and with the same model and train params (the id "
             "is their hash; the log line above shows it on each node)"
         ) from None
-    except RendezvousConnectionError as e:
+    except RendezvousError as e:
+        if started.exists():  # the first node went away mid-run: the workers have said so
+            raise SystemExit(1) from None
         cause = (f"{type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ else str(e)).splitlines()[0].rstrip(".")
+        if not isinstance(e, RendezvousConnectionError):
+            raise PipelineError(f"the rendezvous at {where} failed: {type(e).__name__}: {cause}") from None
         if join:
             raise PipelineError(f"cannot reach the first node at {where} ({cause}); is "
                                 "`dvc repro` running there, and is that its address?") from None
         raise PipelineError(f"cannot host the rendezvous at {where} ({cause}); is the port "
                             "free, and is the host this machine?") from None
-    except RendezvousError as e:
-        raise PipelineError(f"the rendezvous at {where} failed: {type(e).__name__}: {e}") from None
