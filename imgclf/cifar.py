@@ -245,6 +245,11 @@ def load_pickle(data: bytes, *, source: str, encoding: str = "latin1") -> dict[s
         raise
     except Exception as e:  # malformed pickle data
         raise PipelineError(f"{source}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+    finally:
+        # The stand-ins refer to the unpickler and it to them: break the cycle now, or the memo
+        # (holding the batch's data as a str) lives until the next garbage collection.
+        unpickler.memo.clear()
+        unpickler.globals.clear()
     if not isinstance(obj, dict):
         raise PipelineError(f"{source}: expected a dict, got {type(obj).__name__}")
     out = {}
