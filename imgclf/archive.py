@@ -162,11 +162,17 @@ def corrupt(archive: Path, e: BaseException, member: str | None = None) -> Pipel
     )
 
 
+_HEADER_KINDS = {
+    tarfile.XHDTYPE: "pax", tarfile.XGLTYPE: "global pax", tarfile.SOLARIS_XHDTYPE: "Solaris extended",
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name", tarfile.GNUTYPE_LONGLINK: "GNU long-link",
+}
+
+
 class _HeaderTooLarge(Exception):
     def __init__(self, info: tarfile.TarInfo, limit: int):
         super().__init__(
-            f"refusing a {info.size:,}-byte extended header (type {info.type!r}) before member "
-            f"{info.name!r}: over the {limit:,} bytes allowed"
+            f"refusing a {_HEADER_KINDS[info.type]} header of {info.size:,} bytes at byte {info.offset:,} "
+            f"of the tar (at most {limit:,}{' in all' if info.type == tarfile.XGLTYPE else ''})"
         )
 
 
@@ -180,8 +186,7 @@ class _CheckedTarInfo(tarfile.TarInfo):
     """
 
     def _proc_member(self, tar):  # type: ignore[override]
-        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-                         tarfile.SOLARIS_XHDTYPE, tarfile.XGLTYPE):
+        if self.type in _HEADER_KINDS:
             if self.size > MAX_HEADER_BYTES:
                 raise _HeaderTooLarge(self, MAX_HEADER_BYTES)
             if self.type == tarfile.XGLTYPE:

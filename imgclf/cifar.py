@@ -6,8 +6,8 @@ members are bounded by :class:`imgclf.archive.Limits`. Each batch is parsed as s
 read, so one raw member at a time is held in memory.
 
 The batches are pickles, and a pickle can run arbitrary code on load, or make the reader
-allocate far more memory than the file holds (a 155-byte pickle can ask NumPy for a 460 MB
-array, a 9-byte one can grow the unpickler's memo by 512 MB). :func:`load_pickle` reads a
+allocate far more memory than the file holds (a pickle of under 100 bytes can ask NumPy for
+a 460 MB array, a 9-byte one can grow the unpickler's memo by 512 MB). :func:`load_pickle` reads a
 batch in two passes over its bytes:
 
 1. :func:`check_opcodes` walks the opcodes with ``pickletools.genops``, which parses but
@@ -19,8 +19,8 @@ batch in two passes over its bytes:
 2. :class:`SafeUnpickler` admits only NumPy's array reconstruction, ``numpy.dtype`` and
    ``_codecs.encode``, and each resolves to a guarded stand-in: integer dtypes only, byte
    strings only from latin1, and an array only when its declared shape times its item size
-   equals the bytes actually present, checked before the array exists. Arrays and encoded
-   strings together may not exceed the file's own size.
+   equals the bytes actually present, checked before the array exists. The arrays' bytes, and
+   separately the encoded strings', may not add up to more than the file's own size.
 
 Anything else is refused with an error naming the file and what was refused. The official
 files were written by Python 2, so their keys load as ``b'data'`` with ``encoding='bytes'``
@@ -229,8 +229,10 @@ class SafeUnpickler(pickle.Unpickler):
 
     def _encode(self, text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
         # Python 3 writes bytes in protocol 2 as _codecs.encode(text, 'latin1'): one byte a character.
-        if not isinstance(text, str) or encoding != "latin1" or errors != "strict":
+        if encoding != "latin1" or errors != "strict":
             raise self.refuse(f"_codecs.encode(..., {encoding!r:.40}) (only 'latin1' writes bytes)")
+        if not isinstance(text, str):
+            raise self.refuse(f"_codecs.encode of a {type(text).__name__}")
         self.spend("encode", len(text))
         return text.encode("latin1")
 
@@ -245,6 +247,11 @@ def load_pickle(data: bytes, *, source: str, encoding: str = "latin1") -> dict[s
         raise
     except Exception as e:  # malformed pickle data
         raise PipelineError(f"{source}: not a readable CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+    finally:
+        # Empty the memo and the stand-ins now: they and the unpickler refer to each other, so
+        # the memo (holding the batch's data as a str) would live until a garbage collection.
+        unpickler.memo.clear()
+        unpickler.globals.clear()
     if not isinstance(obj, dict):
         raise PipelineError(f"{source}: expected a dict, got {type(obj).__name__}")
     out = {}

@@ -30,6 +30,7 @@ import contextlib
 import io
 import logging
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,24 +86,29 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_MAX_SEGMENTS = 1024  # real files reach the frame header within a dozen segments
 
 
+_JPEG_NO_LENGTH = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # markers without a length field
+_U16 = struct.Struct(">H")
+_U16_PAIR = struct.Struct(">HH")
+_U32_PAIR = struct.Struct(">II")
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i = 2
+    i, n = 2, len(data)
     for _ in range(_JPEG_MAX_SEGMENTS):
-        if i + 4 > len(data) or data[i] != 0xFF:
+        if i + 9 > n or data[i] != 0xFF:  # a frame header needs 9 bytes from its marker
             return None
         marker = data[i + 1]
+        if marker in _JPEG_SOF:
+            height, width = _U16_PAIR.unpack_from(data, i + 5)
+            return width, height
         if marker == 0xFF:  # fill byte
             i += 1
-        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+        elif marker in _JPEG_NO_LENGTH:
             i += 2
-        elif marker in _JPEG_SOF:
-            if i + 9 > len(data):
-                return None
-            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
         elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
             return None
         else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+            i += 2 + _U16.unpack_from(data, i + 2)[0]
     return None
 
 
@@ -115,7 +121,7 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
     Raises ``PIL.Image.DecompressionBombError`` for an image over Pillow's hard limit.
     """
     if data[:8] == _PNG_MAGIC and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return _U32_PAIR.unpack_from(data, 16)
     if data[:2] == b"\xff\xd8":
         return _jpeg_size(data)
     try:
@@ -129,15 +135,15 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
 
 def too_many_pixels(data: bytes, max_pixels: int, limit_name: str = "") -> str:
     """The reason to refuse ``data`` without decoding it, or "" if its header is within the limit."""
-    limit = f"over the limit of {max_pixels / 1e6:g} megapixels" + (f" ({limit_name})" if limit_name else "")
     try:
         size = image_dimensions(data)
+        if size is None or size[0] * size[1] <= max_pixels:
+            return ""
+        what = f"{size[0]} x {size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels)"
     except Image.DecompressionBombError:
-        return f"more than {BACKSTOP_PIXELS / 1e6:.0f} megapixels (Pillow's hard limit), {limit}; not decoded"
-    if size is None or size[0] * size[1] <= max_pixels:
-        return ""
-    w, h = size
-    return f"{w} x {h} pixels ({w * h / 1e6:.1f} megapixels), {limit}; not decoded"
+        what = f"more than {BACKSTOP_PIXELS / 1e6:.0f} megapixels (Pillow's hard limit)"
+    where = f" ({limit_name})" if limit_name else ""
+    return f"{what}, over the limit of {max_pixels / 1e6:g} megapixels{where}; not decoded"
 
 
 def resize_square(img: np.ndarray, image_size: int) -> np.ndarray:

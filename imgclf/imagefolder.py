@@ -161,7 +161,7 @@ def _resolve_link(image: _Image, latest: dict[str, _Image]) -> _Image | None:
         if nxt is None:
             return None
         image = nxt
-    return None
+    return image if image.target is None else None
 
 
 def read_archive(
