@@ -36,7 +36,7 @@ SAMPLE_SOURCE ?= ../shared/datasets/cifar10-jpeg.tar.gz
 SAMPLE := data/sample/cifar10-sample
 DEMO_MODEL := data/sample/demo-model_state.pt
 DEMO_PARAMS := -S preprocess.dataset=imagefolder -S download.url=$(abspath $(SAMPLE)) -S "download.md5=''" \
-	-S train.epochs=8
+	-S train.epochs=6
 
 demo: install $(SAMPLE)/PROVENANCE
 	@dvc exp remove demo >/dev/null 2>&1 || true
