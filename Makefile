@@ -36,12 +36,12 @@ SAMPLE_SOURCE ?= ../shared/datasets/cifar10-jpeg.tar.gz
 SAMPLE := data/sample/cifar10-sample
 DEMO_MODEL := data/sample/demo-model_state.pt
 DEMO_PARAMS := -S preprocess.dataset=imagefolder -S download.url=$(abspath $(SAMPLE)) -S "download.md5=''" \
-	-S train.epochs=8
+	-S train.epochs=6
 
 demo: install $(SAMPLE)/PROVENANCE
 	@dvc exp remove demo >/dev/null 2>&1 || true
 	dvc exp run --temp -n demo $(DEMO_PARAMS)
-	@dvc exp show --no-pager --drop '.*' --keep 'Experiment|Created|step|^test_acc$$|^train_loss$$|epochs|train_seconds'
+	@dvc exp show --no-pager --md --drop '.*' --keep 'Experiment|metrics/eval.json:test_acc|train_seconds|preprocess.dataset|train.epochs'
 	@dvc get . models/model_state.pt --rev demo -o $(DEMO_MODEL) --force
 	@find $(SAMPLE)/test -type f | sort | awk -F/ '!seen[$$(NF-1)]++' | head -4 | xargs $(BIN)/imgclf-predict --model $(DEMO_MODEL)
 	@echo "The demo's outputs are in experiment 'demo': dvc exp apply demo brings them into the workspace."
