@@ -88,8 +88,35 @@ def _within(path: Any, tmp: Path | None, target: Path) -> bool:
     return p in (tmp, target, target.parent) or tmp in p.parents
 
 
+# The temporaries of the atomic_path blocks now open, innermost last: torch's failed write
+# names no file, so the blocks agree on which temporary it was writing (see _written_by_torch).
+_ACTIVE: list[Path] = []
+
+
+def _size_and_mtime(tmp: Path) -> tuple[int, int]:
+    files = [tmp] if not tmp.is_dir() else [Path(d) / f for d, _, fs in os.walk(tmp) for f in fs]
+    stats = []
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+    return max(stats, default=(0, 0))
+
+
+def _written_by_torch(e: RuntimeError) -> Path | None:
+    """The open temporary a failed ``torch.save`` was writing: the one holding the most data
+    (the innermost if none holds any). Decided once, by the innermost block, while every
+    temporary still exists, and kept on the exception for the outer blocks."""
+    if not hasattr(e, "_imgclf_written"):
+        sizes = {tmp: _size_and_mtime(tmp) for tmp in _ACTIVE}
+        best = max(sizes, key=lambda t: sizes[t], default=None)
+        e._imgclf_written = best if best is not None and sizes[best][0] > 0 else (_ACTIVE or [None])[-1]  # type: ignore[attr-defined]
+    return e._imgclf_written  # type: ignore[attr-defined]
+
+
 def _torch_write_cause(e: RuntimeError, folder: Path, tmp: Path) -> str | None:
-    """The cause of a failed ``torch.save(obj, path)``, or None if ``e`` is something else.
+    """The cause of a failed ``torch.save(obj, path)`` into ``tmp``, or None if ``e`` is
+    something else (or torch was writing another block's temporary).
 
     Given a path, torch's C++ writer reports a failed write as ``unexpected pos N vs M`` and
     loses the errno, so the likely causes are checked here while the temporary still holds
@@ -98,6 +125,8 @@ def _torch_write_cause(e: RuntimeError, folder: Path, tmp: Path) -> str | None:
     msg = str(e)
     if "inline_container.cc" not in msg and "PytorchStreamWriter" not in msg:
         return None
+    if _written_by_torch(e) != tmp:
+        return None
     if "strerror: " in msg:  # opening failed: torch quotes the OS's reason
         return msg.split("strerror: ", 1)[1].strip()
     with contextlib.suppress(OSError):
@@ -105,9 +134,8 @@ def _torch_write_cause(e: RuntimeError, folder: Path, tmp: Path) -> str | None:
         if st.f_bavail * st.f_frsize < (1 << 20):
             return f"No space left on device (ENOSPC): {st.f_bavail * st.f_frsize} bytes free in {folder}"
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    with contextlib.suppress(OSError):
-        if limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit:
-            return f"File too large (EFBIG): this process may not write files over {limit} bytes (ulimit -f)"
+    if limit != resource.RLIM_INFINITY and _size_and_mtime(tmp)[0] >= limit:
+        return f"File too large (EFBIG): this process may not write files over {limit} bytes (ulimit -f)"
     return f"the write failed ({msg.splitlines()[0]})"
 
 
@@ -155,6 +183,7 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
             fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
             os.close(fd)
             tmp = Path(name)
+        _ACTIVE.append(tmp)
         in_body = True
         yield tmp
         in_body = False
@@ -165,10 +194,13 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         else:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
             _fsync(tmp)
+        _ACTIVE.remove(tmp)
         os.replace(tmp, target)
         _fsync(target.parent)  # the rename itself
     except BaseException as e:
         cause = _cause(e, tmp, target, in_body=in_body)
+        if tmp in _ACTIVE:
+            _ACTIVE.remove(tmp)
         if tmp is not None:
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
