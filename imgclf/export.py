@@ -1,35 +1,48 @@
-"""The export stage's work: both files of tutorial §4.10, proven to reload and agree.
+"""The export stage's work: every model file, proven in a fresh process to reload and agree.
 
-``models/model.pt`` is ``torch.save(model)``; ``models/model_state.pt`` the state_dict bundle
-of :mod:`imgclf.bundle`. Both are loaded in a fresh Python process and must give the trained
-model's logits exactly.
+``models/model.pt`` is ``torch.save(model)`` and ``models/model_state.pt`` the state_dict
+bundle of :mod:`imgclf.bundle` (tutorial §4.10): both must give the trained model's logits
+exactly. ``models/serving/`` holds the files a serving stack loads without our code
+(:mod:`imgclf.serving`): ``model.onnx`` and ``model.pt2``, each when its param is on; their
+logits must lie within ``export.tolerance`` of PyTorch's, since another runtime may sum in
+another order.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import serving
 from .bundle import load_state_dict_model, load_whole_model, model_from_bundle, read_bundle
 from .files import PipelineError, atomic_path
 
 
-def _logits_of_both(whole_path: str, state_path: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def _logits_of_files(files: dict[str, str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``files``: kind (whole, state, onnx, pt2) -> path. Runs in the fresh process."""
     torch.set_num_threads(1)  # identical reduction order in both processes
+    out = {}
     with torch.no_grad():
-        whole = load_whole_model(whole_path)
-        state, _ = load_state_dict_model(state_path)
-        return {"whole": whole(images), "state": state(images)}
+        for kind, path in files.items():
+            if kind == "whole":
+                out[kind] = load_whole_model(path)(images)
+            elif kind == "state":
+                out[kind] = load_state_dict_model(path)[0](images)
+            else:
+                out[kind] = serving.logits(kind, path, images)
+    return out
 
 
-def verify_in_fresh_process(whole_path: Path, state_path: Path, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Load both files in a new Python process and return the logits each gives on ``images``.
+def verify_in_fresh_process(files: dict[str, Path], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Load each file in a new Python process and return the logits each gives on ``images``.
 
     A fresh process proves the files stand alone: nothing of this process's state (the
     model object, imported-but-unsaved classes) can make them look loadable.
@@ -38,37 +51,64 @@ def verify_in_fresh_process(whole_path: Path, state_path: Path, images: torch.Te
         inp, out = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
         torch.save(images, inp)
         code = (
-            "import sys, torch; from imgclf.export import _logits_of_both; "
-            "torch.save(_logits_of_both(sys.argv[1], sys.argv[2], torch.load(sys.argv[3])), sys.argv[4])"
+            "import json, sys, torch; from imgclf.export import _logits_of_files; "
+            "torch.save(_logits_of_files(json.loads(sys.argv[1]), torch.load(sys.argv[2])), sys.argv[3])"
         )
+        paths = json.dumps({k: str(v) for k, v in files.items()})
         # -I: isolated, so the current folder cannot shadow the installed package.
-        proc = subprocess.run([sys.executable, "-I", "-c", code, str(whole_path), str(state_path), str(inp), str(out)],
+        proc = subprocess.run([sys.executable, "-I", "-c", code, paths, str(inp), str(out)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise PipelineError(f"the exported models do not reload in a fresh process:\n{proc.stderr.strip()}")
         return torch.load(out, weights_only=True)
 
 
+def check_agreement(expected: torch.Tensor, got: dict[str, torch.Tensor], tolerance: float) -> dict[str, float]:
+    """Max |logit difference| per file; the PyTorch files must agree exactly, the serving
+    formats within ``tolerance``."""
+    diffs = {k: (v.float() - expected).abs().max().item() for k, v in got.items()}
+    exact = [k for k in got if k in ("whole", "state") and not torch.equal(got[k], expected)]
+    if exact:
+        raise PipelineError(f"reloaded models disagree with the trained one: max |diff| {diffs}")
+    loose = [k for k in got if k not in ("whole", "state") and not diffs[k] <= tolerance]  # NaN fails too
+    if loose:
+        raise PipelineError(
+            "the " + " and ".join(f"{k} file (max |logit diff| {diffs[k]:.3g})" for k in loose)
+            + f" disagree{'s' if len(loose) == 1 else ''} with PyTorch beyond export.tolerance = {tolerance:g}"
+        )
+    return diffs
+
+
 def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, state_out: str | os.PathLike,
-           images: torch.Tensor) -> dict[str, Any]:
-    """Write both exports, prove they reload in a fresh process and agree on ``images``."""
+           serving_out: str | os.PathLike, images: torch.Tensor, *, formats: Sequence[str] = serving.FORMATS,
+           tolerance: float = 1e-3) -> dict[str, Any]:
+    """Write every export, prove each reloads in a fresh process and agrees on ``images``.
+
+    ``serving_out`` is a folder holding one file per format in ``formats`` (none: empty).
+    """
     bundle = read_bundle(model_in)
     model = model_from_bundle(bundle)
     torch.set_num_threads(1)
     with torch.no_grad():
         expected = model(images)
-    whole_out, state_out = Path(whole_out), Path(state_out)
-    with atomic_path(whole_out) as whole_tmp, atomic_path(state_out) as state_tmp:
+    whole_out, state_out, serving_out = Path(whole_out), Path(state_out), Path(serving_out)
+    meta = serving.metadata(bundle)
+    with atomic_path(whole_out) as whole_tmp, atomic_path(state_out) as state_tmp, \
+            atomic_path(serving_out, is_dir=True) as serving_tmp:
         torch.save(model, whole_tmp)
         torch.save(bundle, state_tmp)
-        got = verify_in_fresh_process(whole_tmp, state_tmp, images)
-        diffs = {k: (v - expected).abs().max().item() for k, v in got.items()}
-        if not all(torch.equal(v, expected) for v in got.values()):
-            raise PipelineError(f"reloaded models disagree with the trained one: max |diff| {diffs}")
-    return {
+        files = {"whole": whole_tmp, "state": state_tmp, **serving.write(model, serving_tmp, formats, meta)}
+        diffs = check_agreement(expected, verify_in_fresh_process(files, images), tolerance)
+    report: dict[str, Any] = {
         "verified_images": len(images),
         "max_abs_diff_whole": diffs["whole"],
         "max_abs_diff_state_dict": diffs["state"],
         "whole_model_bytes": whole_out.stat().st_size,
         "state_dict_bytes": state_out.stat().st_size,
     }
+    for fmt in formats:
+        report[f"max_abs_diff_{fmt}"] = diffs[fmt]
+        report[f"{fmt}_bytes"] = (serving_out / serving.FILE_NAMES[fmt]).stat().st_size
+    if formats:
+        report["tolerance"] = tolerance
+    return report

@@ -152,6 +152,11 @@ class EvaluateParams(_Section):
 
 class ExportParams(_Section):
     check_batch: int = Field(32, ge=1, le=4096)  # images used to prove the exports agree
+    onnx: bool = True  # also write models/serving/model.onnx (onnxruntime, TensorRT, ...)
+    pt2: bool = True  # also write models/serving/model.pt2 (torch.export)
+    # Largest |logit difference| the ONNX and .pt2 files may show against PyTorch: float32
+    # reordering gives ~1e-6; a wrong graph gives differences of order 1.
+    tolerance: float = Field(1e-3, gt=0, le=1)
 
 
 class Params(_Section):

@@ -19,6 +19,9 @@ MODELS_DIR = Path("models")
 TRAINED_MODEL = MODELS_DIR / "trained.pt"  # train: weights bundle (input of evaluate/export)
 WHOLE_MODEL = MODELS_DIR / "model.pt"  # export: torch.save(model)
 STATE_DICT = MODELS_DIR / "model_state.pt"  # export: state_dict + what rebuilds the model
+# export: model.onnx and model.pt2, each when its export param is on. One folder, declared as
+# one output, so that a format turned off is simply absent (DVC fails on a missing declared file).
+SERVING_DIR = MODELS_DIR / "serving"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAIN_CURVE = METRICS_DIR / "train_curve.csv"
 LIVE_DIR = METRICS_DIR / "live"  # train: DVCLive writes metrics.json there after every epoch

@@ -11,9 +11,12 @@ own and the others are still classified. Exit status: 0 all classified, 1 some f
 bytes as ``\xNN`` (text and JSON alike), so printing it can never fail and lose the results.
 
 The default model file is the state_dict bundle, loaded with ``weights_only=True`` (tensors
-and plain data only). ``--whole-model`` unpickles a ``torch.save(model)`` file instead, which
-runs code from the file: use it for files you trust. Such a file holds no class names or
-image size, so those still come from the bundle given by ``--model``.
+and plain data only). ``--model models/serving/model.onnx`` (any ``.onnx`` file the export
+stage wrote) runs the ONNX file with onnxruntime instead, no PyTorch model code involved; the
+class names and image size come from its metadata. ``--whole-model`` unpickles a
+``torch.save(model)`` file instead, which runs code from the file: use it for files you
+trust. Such a file holds no class names or image size, so those still come from the bundle
+given by ``--model``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from . import paths as project_paths
 from .bundle import load_state_dict_model, load_whole_model, read_bundle
 from .files import PipelineError
 from .decode import IMAGE_SUFFIXES, ImageFileError, load_image_file
+from .serving import OnnxClassifier
 
 BATCH_SIZE = 64  # images per forward pass: bounds memory for folders of large images
 
@@ -69,7 +73,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str | No
 
 
 def predict_files(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[torch.Tensor], Any],
     bundle: dict[str, Any],
     paths: Sequence[str | os.PathLike],
     top_k: int = 3,
@@ -80,12 +84,14 @@ def predict_files(
 
     Each result is ``{"path", "top": [{"class", "prob"}, ...]}`` with probabilities from the
     softmax, highest first, or ``{"path", "error"}``. ``bundle`` supplies ``classes`` and
-    ``image_size`` (a state_dict bundle from :mod:`imgclf.export`).
+    ``image_size`` (a state_dict bundle from :mod:`imgclf.bundle`, or an ONNX file's
+    metadata). ``model`` maps uint8 ``(N, 3, H, W)`` to logits: a PyTorch module, or an
+    :class:`imgclf.serving.OnnxClassifier`, which runs on the CPU and returns numpy logits.
     """
     classes = list(bundle["classes"])
     image_size = int(bundle["image_size"])
     k = max(1, min(top_k, len(classes)))
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     results: list[dict[str, Any]] = []
     batch: list[tuple[dict[str, Any], np.ndarray]] = []
 
@@ -94,7 +100,7 @@ def predict_files(
             return
         x = torch.from_numpy(np.stack([img for _, img in batch])).permute(0, 3, 1, 2).contiguous()
         with torch.inference_mode():
-            logits = model(x.to(device))
+            logits = torch.as_tensor(model(x.to(device)))
         if logits.ndim != 2 or logits.shape[1] != len(classes):
             raise PipelineError(
                 f"the model gives {tuple(logits.shape[1:])} outputs per image but the bundle "
@@ -128,7 +134,12 @@ def format_text(result: dict[str, Any]) -> str:
     return f"{result['path']}: {top}"
 
 
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module | OnnxClassifier, dict[str, Any]]:
+    if args.model.suffix.lower() == ".onnx":
+        if args.whole_model is not None:
+            raise PipelineError("--whole-model takes its class names from a state_dict --model, not an ONNX file")
+        onnx_model = OnnxClassifier(args.model)  # onnxruntime; classes and image size from its metadata
+        return onnx_model, onnx_model.metadata
     if args.whole_model is None:
         return load_state_dict_model(args.model)
     print(
@@ -174,7 +185,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     parser.add_argument(
         "--model", type=Path, default=project_paths.STATE_DICT,
-        help="state_dict bundle written by the export stage (default: %(default)s)",
+        help="state_dict bundle written by the export stage (default: %(default)s), or its "
+        "ONNX file (models/serving/model.onnx: runs with onnxruntime)",
     )
     parser.add_argument(
         "--whole-model", type=Path, metavar="FILE",
@@ -193,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = parse_args(argv)  # exits with status 2 on a usage error
     try:
-        model, bundle = load_model(args)
-        model.eval()
+        model, bundle = load_model(args)  # both loaders return models in eval mode
         results = predict_files(model, bundle, args.paths, args.top_k, batch_size=args.batch_size)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

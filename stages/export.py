@@ -1,4 +1,5 @@
-"""Stage `export`: the whole model and the state_dict (tutorial §4.10), proven to agree."""
+"""Stage `export`: the whole model and the state_dict (tutorial §4.10), and the serving files
+(ONNX, torch.export) each when its param is on; all proven to agree with the trained model."""
 
 import logging
 
@@ -8,15 +9,21 @@ from imgclf.dataset import load_cache
 from imgclf.export import export
 from imgclf.files import write_json
 from imgclf.params import load_params
+from imgclf.serving import FILE_NAMES, FORMATS
 
 
 def main() -> None:
-    params = load_params(paths.PARAMS)
-    images = load_cache(paths.PROCESSED_DIR, splits=("test",)).test.images[: params.export.check_batch].clone()
-    report = export(paths.TRAINED_MODEL, paths.WHOLE_MODEL, paths.STATE_DICT, images)
+    params = load_params(paths.PARAMS).export
+    images = load_cache(paths.PROCESSED_DIR, splits=("test",)).test.images[: params.check_batch].clone()
+    formats = [f for f in FORMATS if getattr(params, f)]
+    report = export(paths.TRAINED_MODEL, paths.WHOLE_MODEL, paths.STATE_DICT, paths.SERVING_DIR, images,
+                    formats=formats, tolerance=params.tolerance)
     write_json(paths.EXPORT_METRICS, report)
-    logging.getLogger("export").info("exported %s and %s; both reload and agree on %d images",
-                                     paths.WHOLE_MODEL, paths.STATE_DICT, report["verified_images"])
+    written = [paths.WHOLE_MODEL, paths.STATE_DICT, *(paths.SERVING_DIR / FILE_NAMES[f] for f in formats)]
+    logging.getLogger("export").info("exported %s; all reload in a fresh process and agree on %d images%s",
+                                     ", ".join(map(str, written)), report["verified_images"],
+                                     "".join(f"; {f} max |logit diff| {report[f'max_abs_diff_{f}']:.2g}"
+                                             for f in formats))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ import time
 import torch
 
 from imgclf.bundle import load_state_dict_model, load_whole_model
+from imgclf.serving import OnnxClassifier, load_pt2
 
 from helpers import run_env
 
 OUTPUTS = [
     "data/raw/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
     "data/processed/meta.json", "models/trained.pt", "models/model.pt", "models/model_state.pt",
+    "models/serving/model.onnx", "models/serving/model.pt2",
     "metrics/train.json", "metrics/train_curve.csv", "metrics/eval.json", "metrics/predictions.csv",
     "metrics/export.json", "metrics/live/metrics.json",
 ]
@@ -113,6 +115,20 @@ def test_exports_give_identical_logits(project):
     assert bundle["classes"][0] == "airplane" and len(bundle["mean"]) == 3
     report = json.loads((project.path / "metrics/export.json").read_text())
     assert report["max_abs_diff_whole"] == 0 and report["max_abs_diff_state_dict"] == 0
+
+    # The serving files agree with PyTorch within export.tolerance, as the stage measured in
+    # a fresh process on its check batch, and here on a batch of another size.
+    tolerance = project.params()["export"]["tolerance"]
+    assert report["tolerance"] == tolerance and report["verified_images"] == 32
+    assert 0 <= report["max_abs_diff_onnx"] <= tolerance and 0 <= report["max_abs_diff_pt2"] <= tolerance
+    onnx_model = OnnxClassifier(project.path / "models/serving/model.onnx")
+    pt2_model, pt2_meta = load_pt2(project.path / "models/serving/model.pt2")
+    with torch.no_grad():
+        expected = state_model(images)
+        assert (pt2_model(images) - expected).abs().max() <= tolerance
+    assert (torch.from_numpy(onnx_model(images)) - expected).abs().max() <= tolerance
+    for meta in (onnx_model.metadata, pt2_meta):
+        assert meta["classes"] == bundle["classes"] and meta["image_size"] == 32
 
 
 def test_experiments_show_their_own_params_and_metrics(project):

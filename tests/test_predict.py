@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import models
+from imgclf import models, serving
 from imgclf.bundle import load_state_dict_model, make_bundle
 from imgclf.decode import load_image_file
 from imgclf.imagefolder import read_archive
@@ -30,7 +30,7 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    """An untrained seed_cnn_bn exported as the export stage does it."""
+    """An untrained seed_cnn_bn exported as the export stage does it (model.onnx beside it)."""
     torch.manual_seed(0)
     args = models.arch_args(ModelParams(arch="seed_cnn_bn"), num_classes=len(CLASSES), image_size=SIZE)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -39,6 +39,7 @@ def model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model_state.pt"
     save_state_bundle(bundle, path)
     save_whole_model(model, path.with_name("model.pt"))
+    serving.write(model, path.parent, ["onnx"], serving.metadata(bundle))
     return path
 
 
@@ -175,3 +176,48 @@ def test_model_and_usage_errors_exit_2(model_file, images, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
+
+
+def test_onnx_model_gives_the_same_top_k_as_pytorch(model_file, images, capsys):
+    """`--model model.onnx` runs the file with onnxruntime; class names and image size come
+    from its metadata."""
+    files = [str(images[n]) for n in GOOD]
+    assert main(["--model", str(model_file), "--json", "--top-k", "3", *files]) == 0
+    torch_results = json.loads(capsys.readouterr().out)
+    proc = run_cli("--model", str(model_file.with_name("model.onnx")), "--json", "--top-k", "3", *files)
+    assert proc.returncode == 0, proc.stderr
+    onnx_results = json.loads(proc.stdout)
+    assert [r["path"] for r in onnx_results] == files
+    for o, t in zip(onnx_results, torch_results):
+        assert [x["class"] for x in o["top"]] == [x["class"] for x in t["top"]], o["path"]
+        assert [x["prob"] for x in o["top"]] == pytest.approx([x["prob"] for x in t["top"]], abs=1e-5)
+
+
+def test_onnx_prediction_needs_no_architecture_code(tmp_path, images, capsys):
+    """An ONNX file of a network imgclf cannot build still classifies: nothing is rebuilt."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, len(CLASSES)))
+    model = models.Classifier(net, [0.5] * 3, [0.25] * 3).eval()
+    meta = {"format": serving.FORMAT, "version": serving.VERSION, "arch": "not_in_imgclf", "arch_args": {},
+            "classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": SIZE}
+    onnx_file = serving.write(model, tmp_path, ["onnx"], meta)["onnx"]
+    assert main(["--model", str(onnx_file), "--json", "--top-k", "1", str(images["photo.jpg"])]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    x = torch.from_numpy(load_image_file(images["photo.jpg"], SIZE)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        prob, idx = model(x).softmax(dim=1).max(dim=1)
+    assert result["top"] == [{"class": CLASSES[idx.item()], "prob": pytest.approx(prob.item(), abs=1e-5)}]
+
+
+def test_onnx_files_without_our_metadata_exit_2(tmp_path, images, capsys):
+    bare = tmp_path / "bare.onnx"
+    torch.onnx.export(torch.nn.Flatten().eval(), (torch.zeros(2, 3, SIZE, SIZE),), bare, dynamo=True,
+                      external_data=False, verbose=False)
+    assert main(["--model", str(bare), str(images["photo.jpg"])]) == 2
+    assert "no imgclf-serving metadata (missing: format, arch, arch_args, classes, mean, std, image_size)" in capsys.readouterr().err
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert main(["--model", str(junk), str(images["photo.jpg"])]) == 2
+    assert "junk.onnx: not a loadable ONNX file" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nope.onnx"), str(images["photo.jpg"])]) == 2
+    assert "nope.onnx: no such model file" in capsys.readouterr().err

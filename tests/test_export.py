@@ -1,0 +1,111 @@
+"""The serving files (ONNX, torch.export): every architecture exports, a format can be turned
+off in a real `dvc repro`, and a file that disagrees with PyTorch stops the stage."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from imgclf import models, serving
+from imgclf.bundle import make_bundle
+from imgclf.export import check_agreement
+from imgclf.files import PipelineError
+from imgclf.params import ModelParams
+
+CLASSES = ["ant", "bee", "cat"]
+TOLERANCE = 1e-3  # export.tolerance's default
+
+
+def small_model(arch: str, size: int) -> tuple[models.Classifier, dict]:
+    """An untrained ``arch`` as the export stage sees it, narrowed where that keeps tests fast."""
+    torch.manual_seed(0)
+    args = models.arch_args(ModelParams(arch=arch, width=8), num_classes=len(CLASSES), image_size=size)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    model = models.build(arch, args, mean, std)
+    if arch == "vgg16":
+        # Full width it makes 0.54 GB files. The same layers (13 convolutions in VGG16's
+        # layout, max pools, adaptive pooling, the dropout classifier) at 1/8 of the channels
+        # and a 16-wide classifier keep every op of the graph.
+        from torchvision.models.vgg import cfgs, make_layers
+
+        model.net.features = make_layers([c if c == "M" else c // 8 for c in cfgs["D"]])
+        hidden = 16
+        model.net.classifier = nn.Sequential(
+            nn.Linear(64 * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(), nn.Linear(hidden, hidden), nn.ReLU(True),
+            nn.Dropout(), nn.Linear(hidden, len(CLASSES)),
+        )
+    model.eval()
+    for m in model.modules():  # batch norm with non-trivial statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    bundle = make_bundle(model, arch=arch, arch_args=args, classes=CLASSES, mean=mean, std=std, image_size=size)
+    return model, bundle
+
+
+@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+def test_every_architecture_exports_to_both_formats(arch, tmp_path):
+    size = 32
+    model, bundle = small_model(arch, size)
+    meta = serving.metadata(bundle)
+    assert serving.write(model, tmp_path, serving.FORMATS, meta) == {
+        "onnx": tmp_path / "model.onnx", "pt2": tmp_path / "model.pt2"}
+
+    onnx_model = serving.OnnxClassifier(tmp_path / "model.onnx", threads=1)
+    pt2_model, pt2_meta = serving.load_pt2(tmp_path / "model.pt2")
+    g = torch.Generator().manual_seed(1)
+    for batch in (1, 5):  # the batch dimension is dynamic in both files
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+        with torch.no_grad():
+            expected = model(images)
+            got_pt2 = pt2_model(images)
+        got_onnx = torch.from_numpy(onnx_model(images))
+        assert got_onnx.shape == got_pt2.shape == (batch, len(CLASSES))
+        assert (got_onnx - expected).abs().max().item() <= TOLERANCE, arch
+        assert (got_pt2 - expected).abs().max().item() <= TOLERANCE, arch
+
+    # What a serving stack needs to feed the model and name its outputs travels in the files.
+    for m in (onnx_model.metadata, pt2_meta):
+        assert m["classes"] == CLASSES and m["image_size"] == size and m["arch"] == arch
+        assert m["mean"] == [0.5, 0.4, 0.3] and m["std"] == [0.2, 0.25, 0.3]
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    (inp,) = graph.input
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, size, size]
+
+
+def test_a_disagreeing_file_stops_the_export_naming_it():
+    expected = torch.randn(4, 3)
+    close = {"whole": expected.clone(), "state": expected.clone(), "onnx": expected + 1e-6, "pt2": expected.clone()}
+    diffs = check_agreement(expected, close, TOLERANCE)
+    assert diffs["pt2"] == 0 and 0 < diffs["onnx"] < 1e-5
+    with pytest.raises(PipelineError, match=r"the onnx file \(max \|logit diff\| 0\.01\) disagrees with PyTorch "
+                                            r"beyond export.tolerance = 0\.001"):
+        check_agreement(expected, {**close, "onnx": expected + 0.01}, TOLERANCE)
+    with pytest.raises(PipelineError, match="pt2 file"):
+        check_agreement(expected, {**close, "pt2": torch.full_like(expected, float("nan"))}, TOLERANCE)
+    with pytest.raises(PipelineError, match="reloaded models disagree"):  # the PyTorch files: exactly
+        check_agreement(expected, {**close, "state": expected + 1e-6}, TOLERANCE)
+
+
+def test_a_format_turned_off_is_not_written_and_dvc_is_content(project):
+    """models/serving is one declared folder: a format turned off is simply absent from it,
+    where a declared file that is not written would fail `dvc repro`."""
+    serving_dir = project.path / "models/serving"
+    project.set_params(export={"onnx": False})
+    project.dvc("repro")
+    assert sorted(p.name for p in serving_dir.iterdir()) == ["model.pt2"]
+    report = json.loads((project.path / "metrics/export.json").read_text())
+    assert "max_abs_diff_onnx" not in report and report["max_abs_diff_pt2"] <= report["tolerance"]
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
+
+    project.set_params(export={"pt2": False})
+    assert project.ran_stages(project.dvc("repro")) == ["export"]
+    assert serving_dir.is_dir() and list(serving_dir.iterdir()) == []  # the old model.pt2 is gone
+    report = json.loads((project.path / "metrics/export.json").read_text())
+    assert not any(k.endswith(("_onnx", "_pt2")) for k in report) and report["max_abs_diff_state_dict"] == 0
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
