@@ -268,6 +268,16 @@ def test_a_refused_write_names_the_output_and_leaves_the_old_one(tmp_path, errno
             pass
 
 
+def test_a_stage_prints_an_os_error_as_one_line(tmp_path, capsys):
+    from imgclf.cli import run_stage
+
+    missing = tmp_path / "data/processed/train.pt"
+    with pytest.raises(SystemExit) as e:
+        run_stage("train", lambda: open(missing, "rb"))
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error (train): {missing}: No such file or directory (ENOENT)\n"
+
+
 def test_sources_resolve_to_paths_and_names(tmp_path):
     assert local_path("https://example.invalid/a.tar.gz") is None
     assert local_path((tmp_path / "x y.tgz").as_uri()) == tmp_path / "x y.tgz"
