@@ -93,24 +93,27 @@ def _within(path: Any, tmp: Path | None, target: Path) -> bool:
 _ACTIVE: list[Path] = []
 
 
-def _size_and_mtime(tmp: Path) -> tuple[int, int]:
+def _last_write(tmp: Path) -> tuple[int, int]:
+    """(mtime in ns, size) of the temporary, or of the newest file in a folder temporary."""
     files = [tmp] if not tmp.is_dir() else [Path(d) / f for d, _, fs in os.walk(tmp) for f in fs]
     stats = []
     for f in files:
         with contextlib.suppress(OSError):
             st = f.stat()
-            stats.append((st.st_size, st.st_mtime_ns))
+            stats.append((st.st_mtime_ns, st.st_size))
     return max(stats, default=(0, 0))
 
 
 def _written_by_torch(e: RuntimeError) -> Path | None:
-    """The open temporary a failed ``torch.save`` was writing: the one holding the most data
-    (the innermost if none holds any). Decided once, by the innermost block, while every
-    temporary still exists, and kept on the exception for the outer blocks."""
+    """The open temporary a failed ``torch.save`` was writing: of those holding data, the
+    last written (then the larger: timestamps are coarse); the innermost if none holds any.
+    Decided once, by the innermost block, while every temporary still exists, and kept on
+    the exception for the outer blocks."""
     if not hasattr(e, "_imgclf_written"):
-        sizes = {tmp: _size_and_mtime(tmp) for tmp in _ACTIVE}
-        best = max(sizes, key=lambda t: sizes[t], default=None)
-        e._imgclf_written = best if best is not None and sizes[best][0] > 0 else (_ACTIVE or [None])[-1]  # type: ignore[attr-defined]
+        written = {tmp: _last_write(tmp) for tmp in _ACTIVE}
+        candidates = [tmp for tmp, (_, size) in written.items() if size > 0]
+        best = max(candidates, key=lambda t: written[t]) if candidates else (_ACTIVE or [None])[-1]
+        e._imgclf_written = best  # type: ignore[attr-defined]
     return e._imgclf_written  # type: ignore[attr-defined]
 
 
@@ -134,7 +137,7 @@ def _torch_write_cause(e: RuntimeError, folder: Path, tmp: Path) -> str | None:
         if st.f_bavail * st.f_frsize < (1 << 20):
             return f"No space left on device (ENOSPC): {st.f_bavail * st.f_frsize} bytes free in {folder}"
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and _size_and_mtime(tmp)[0] >= limit:
+    if limit != resource.RLIM_INFINITY and _last_write(tmp)[1] >= limit:
         return f"File too large (EFBIG): this process may not write files over {limit} bytes (ulimit -f)"
     return f"the write failed ({msg.splitlines()[0]})"
 

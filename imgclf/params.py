@@ -204,7 +204,9 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         return Params.model_validate(raw)
     except ValidationError as e:
         lines = [_describe(err) for err in e.errors()]
-        raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(lines)) from None
+        if len(lines) == 1:  # the usual case: one line naming the key, the value and what is allowed
+            raise ParamsError(f"{source}: {lines[0]}") from None
+        raise ParamsError(f"{source}: {len(lines)} invalid params:\n  " + "\n  ".join(lines)) from None
 
 
 def read_yaml(path: Path) -> Any:

@@ -268,6 +268,44 @@ def test_a_refused_write_names_the_output_and_leaves_the_old_one(tmp_path, errno
             pass
 
 
+def test_a_failed_torch_save_names_the_file_it_was_writing(tmp_path):
+    """torch.save reports a failed write without a file name or errno; with two outputs open
+    (as export holds both), the error names the one being written, and the cause."""
+    import resource
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, torch
+        from pathlib import Path
+        from imgclf.files import atomic_path, OutputError
+        d = Path(sys.argv[1])
+        for first, second in [(50_000, 100_000), (100_000, 10)]:  # floats: 200 kB, then 400 kB
+            try:
+                with atomic_path(d / "a.pt") as a, atomic_path(d / "b.pt") as b:
+                    torch.save(torch.zeros(first), a)
+                    torch.save(torch.zeros(second), b)
+            except OutputError as e:
+                print(e)
+        print(sorted(p.name for p in d.iterdir()))
+    """
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], preexec_fn=limit, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    efbig = "File too large (EFBIG): this process may not write files over 300000 bytes (ulimit -f)"
+    assert proc.stdout.splitlines() == [f"cannot write {tmp_path}/b.pt: {efbig}", f"cannot write {tmp_path}/a.pt: {efbig}", "[]"]
+
+
+def test_a_stage_prints_an_os_error_as_one_line(tmp_path, capsys):
+    from imgclf.cli import run_stage
+
+    missing = tmp_path / "data/processed/train.pt"
+    with pytest.raises(SystemExit) as e:
+        run_stage("train", lambda: open(missing, "rb"))
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error (train): {missing}: No such file or directory (ENOENT)\n"
+
+
 def test_sources_resolve_to_paths_and_names(tmp_path):
     assert local_path("https://example.invalid/a.tar.gz") is None
     assert local_path((tmp_path / "x y.tgz").as_uri()) == tmp_path / "x y.tgz"
