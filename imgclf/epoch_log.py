@@ -84,6 +84,17 @@ def _live(live_dir: Path):
     from dvclive import Live
 
     class AtomicLive(Live):
+        def _init_dvc(self) -> None:
+            """As Live's own, but a git repo with no commit yet is not fatal: dvclive 3.49
+            asks such a repo for its HEAD (an SCMError) before its own check for it. Our
+            Live saves no experiment, so it needs nothing from the repo: log without it."""
+            from scmrepo.exceptions import SCMError
+
+            try:
+                super()._init_dvc()
+            except SCMError:
+                self._dvc_repo = None
+
         def make_summary(self) -> None:
             """As Live's own, but written atomically: `dvc exp show` may read it mid-run."""
             if self._step is not None:

@@ -55,3 +55,19 @@ def test_a_running_experiment_shows_its_latest_metrics_and_step(project):
     assert 0 <= latest["test_acc"] <= 1 and latest["train_loss"] > 0
     assert set(latest) == {"step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "seconds"}
     assert not (project.path / "metrics/train.json").exists()  # the final metrics come only at the end
+
+
+def test_epochs_are_logged_in_a_git_repo_with_no_commit_yet(tmp_path, monkeypatch):
+    """`git init`, `dvc init`, `dvc repro` before the first commit: DVCLive must not stop training."""
+    from imgclf.epoch_log import LIVE_METRICS, EpochLog
+
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=run_env(), check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # as `dvc repro` sets it for a stage
+    log = EpochLog(tmp_path / "curve.csv", None, tmp_path / "live", [])
+    for epoch in (1, 2):
+        log.add({"epoch": epoch} | {k: 0.5 for k in LIVE_METRICS})
+    log.close()
+    assert json.loads((tmp_path / "live/metrics.json").read_text())["step"] == 2
+    assert len((tmp_path / "curve.csv").read_text().splitlines()) == 3
