@@ -97,3 +97,18 @@ def load_cache(cache_dir: str | os.PathLike, splits: tuple[str, ...] = ("train",
         std=list(meta["std"]),
         image_size=int(meta["image_size"]),
     )
+
+
+def hold_out(split: Split, fraction: float, seed: int = 0) -> tuple[Split, Split]:
+    """``(kept, held_out)``: ``fraction`` of each class's images held out, stratified (each
+    class keeps its share in both parts) and deterministic: a fixed seed, not ``train.seed``,
+    so every training seed is measured on the same validation images."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    labels = split.labels[order]
+    held = [order[labels == c][: int(fraction * int((labels == c).sum()) + 0.5)] for c in labels.unique()]
+    held_idx = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.int64)
+    keep = torch.ones(len(split), dtype=torch.bool)
+    keep[held_idx] = False
+    keep_idx = keep.nonzero().squeeze(1)
+    return (Split(split.images[keep_idx], split.labels[keep_idx]),
+            Split(split.images[held_idx], split.labels[held_idx]))

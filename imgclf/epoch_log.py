@@ -23,10 +23,10 @@ from pathlib import Path
 
 from .files import atomic_path, write_json
 
-CURVE_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "seconds"]
+CURVE_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds"]
 LIVE_METRICS = [c for c in CURVE_COLUMNS if c != "epoch"]  # the epoch is DVCLive's step
 
-Row = dict[str, float]
+Row = dict[str, float | None]  # val_loss and val_acc are None without validation images
 
 
 class EpochLog:
@@ -46,16 +46,18 @@ class EpochLog:
         _write_curve(self.curve, self.rows)
         epoch = int(row["epoch"])
         if self.tensorboard is not None:
-            for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
-                split, name = k.split("_")
-                self.tensorboard.add_scalar(f"{name}/{split}", row[k], epoch)
+            for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                if row[k] is not None:
+                    split, name = k.split("_")
+                    self.tensorboard.add_scalar(f"{name}/{split}", row[k], epoch)
             self.tensorboard.add_scalar("perf/lr", row["lr"], epoch)
             self.tensorboard.add_scalar("perf/images_per_s", row["images_per_s"], epoch)
             self.tensorboard.flush()
         if self.live is not None:
             self.live.step = epoch
             for k in LIVE_METRICS:
-                self.live.log_metric(k, row[k], plot=False)
+                if row[k] is not None:
+                    self.live.log_metric(k, row[k], plot=False)
             self.live.next_step()  # writes metrics.json with "step": epoch
 
     def close(self) -> None:
@@ -70,7 +72,7 @@ def _write_curve(path: Path, rows: list[Row]) -> None:
         with open(tmp, "w") as f:
             f.write(",".join(CURVE_COLUMNS) + "\n")
             for r in rows:
-                f.write(",".join(f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
+                f.write(",".join("" if r[c] is None else f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
 
 
 def _tensorboard(log_dir: Path):

@@ -102,6 +102,9 @@ class TrainParams(_Section):
     schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
     warmup_epochs: float = Field(1.0, ge=0, le=10_000)  # cosine/linear only
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Share of each class's training images held out for the per-epoch validation metrics;
+    # 0 = train on all of them, and measure no held-out data during training.
+    val_fraction: float = Field(0.1, ge=0, le=0.5)
     augment: AugmentParams = AugmentParams()
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: str = "auto"  # auto = CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps

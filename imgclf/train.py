@@ -28,12 +28,13 @@ from torch import nn
 
 from . import checkpoint, models
 from .bundle import make_bundle
-from .dataset import META_FILE, Cache, load_cache, load_meta
+from .dataset import META_FILE, Cache, Split, hold_out, load_cache, load_meta
 from .distributed import Distributed, is_lost_peer, lost_peer_error
 from .epoch_log import EpochLog
 from .files import PipelineError, atomic_path, write_json
 from .params import ModelParams, TrainParams
 from .runtime import configure_threads, predict_logits, resolve_device, resolve_precision
+from .shapes import check_fits, train_flops_per_image
 from .step import Trainee, build_trainee, epoch_batches, run_steps
 from .transforms import Augmenter
 
@@ -60,11 +61,17 @@ class Run:
     device: torch.device
     amp: torch.dtype | None
     threads: int
-    cache: Cache
+    cache: Cache  # its train split is what is trained on: the held-out images are in `val`
+    val: Split | None  # train.val_fraction of the training images; None when 0
     batch: int  # global images per step
     steps_per_epoch: int
     trainee: Trainee
     fingerprint: str
+    flops_per_image: float  # forward and backward, one training image
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.batch
 
     @property
     def share(self) -> int:  # images per process per step
@@ -123,6 +130,12 @@ def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     threads = configure_threads(t.threads or dist.cpu_threads_per_process())
     amp = resolve_precision(t.precision, device)
     cache, fingerprint = _load_data(dist, model_params, t, cache_dir)
+    val = None
+    if t.val_fraction:
+        cache.train, val = hold_out(cache.train, t.val_fraction)
+        if len(cache.train) == 0 or len(val) == 0:
+            raise PipelineError(f"train.val_fraction = {t.val_fraction} of {len(cache.train) + len(val)} training "
+                                f"images leaves {len(cache.train)} to train on and {len(val)} to validate on")
     n = len(cache.train)
     # Drop the last incomplete batch (as DataLoader(drop_last=True)), unless it is the only one.
     batch = min(t.batch_size, n)
@@ -132,14 +145,15 @@ def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     np.random.seed(t.seed % 2**32)
     trainee = build_trainee(model_params, t, num_classes=len(cache.classes), image_size=cache.image_size,
                             mean=cache.mean, std=cache.std, device=device, amp=amp, steps_per_epoch=n // batch)
-    return Run(model_params, t, dist, device, amp, threads, cache, batch, n // batch, trainee, fingerprint)
+    flops = train_flops_per_image(model_params, num_classes=len(cache.classes), image_size=cache.image_size)
+    return Run(model_params, t, dist, device, amp, threads, cache, val, batch, n // batch, trainee, fingerprint, flops)
 
 
 def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cache_dir: Path) -> tuple[Cache, str]:
     """The cache and the run's fingerprint (params and data bytes). Each node reads its own
     copy of the cache, so the processes check that they all hold the same one."""
     try:
-        cache = load_cache(cache_dir)
+        cache = load_cache(cache_dir, splits=("train",))  # the test split is the evaluate stage's
         if len(cache.train) == 0:
             raise PipelineError(f"{cache_dir}: the train split is empty")
         # Where the rendezvous is and how long to wait do not change what is computed: a run
@@ -166,43 +180,6 @@ def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cac
     return cache, fp
 
 
-def check_fits(model_params: ModelParams, t: TrainParams, *, image_size: int, num_classes: int, source: Path) -> None:
-    """Refuse, before any training, params that pass the schema but cannot work at this image
-    size (which preprocess chose): a crop padding reflect padding cannot make, an architecture
-    whose forward pass would fail."""
-    where = f"preprocess.image_size = {image_size}, in {source}"
-    if t.augment.crop_padding >= image_size:
-        raise PipelineError(
-            f"train.augment.crop_padding = {t.augment.crop_padding} must be smaller than the images "
-            f"({where}): reflect padding cannot be as wide as the image"
-        )
-    if not _forward_works(model_params, num_classes, image_size):
-        smallest = next((s for s in _sizes_above(image_size) if _forward_works(model_params, num_classes, s)), None)
-        takes = f"the smallest size it takes is {smallest} pixels" if smallest else "it takes no size up to 1024"
-        raise PipelineError(f"model.arch = {model_params.arch!r} cannot classify {image_size}-pixel images ({where}): {takes}")
-
-
-def _sizes_above(size: int, largest: int = 1024) -> list[int]:
-    """Sizes to try, smallest first: every size to 64, then every 8 pixels (pooling networks
-    change what they take at multiples of their stride)."""
-    return [s for s in range(size + 1, largest + 1) if s <= 64 or s % 8 == 0]
-
-
-def _forward_works(model_params: ModelParams, num_classes: int, size: int) -> bool:
-    """Whether the architecture's forward pass takes ``size``-pixel images: traced with shapes
-    only (PyTorch's meta device: no memory, no arithmetic, milliseconds)."""
-    args = models.arch_args(model_params, num_classes=num_classes, image_size=size)
-    if "pretrained" in args:
-        args["pretrained"] = False  # shapes only: nothing to download
-    with torch.device("meta"), torch.no_grad():
-        model = models.build(model_params.arch, args, [0.0] * 3, [1.0] * 3).eval()
-        try:
-            out = model(torch.empty(2, 3, size, size, dtype=torch.uint8))
-        except (RuntimeError, ValueError):  # e.g. "Output size is too small" from a pooling layer
-            return False
-    return tuple(out.shape) == (2, num_classes)
-
-
 def resume(run: Run, path: Path) -> tuple[int, list[dict[str, float]]]:
     """The first epoch to run and the history so far (0 and [] without a usable checkpoint).
 
@@ -221,7 +198,8 @@ def resume(run: Run, path: Path) -> tuple[int, list[dict[str, float]]]:
 
 
 def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor) -> dict[str, float] | None:
-    """Train one epoch and (rank 0) measure it on the test split; other ranks return None."""
+    """Train one epoch and (rank 0) measure it on the validation images (``train.val_fraction``;
+    the test split is the evaluate stage's alone); other ranks return None."""
     t, dist, trainee = run.t, run.dist, run.trainee
     t0 = time.perf_counter()
     # Every process draws the same permutation and augmentation, then takes its share.
@@ -235,22 +213,26 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
     seconds_train = time.perf_counter() - t0
     if not dist.is_main:
         return None
-    test = run.cache.test
-    test_logits = predict_logits(trainee.model, test.images, batch_size=1000, device=run.device, amp=run.amp,
-                                 channels_last=t.channels_last)
+    val_loss = val_acc = None
+    if run.val is not None:
+        logits = predict_logits(trainee.model, run.val.images, batch_size=1000, device=run.device, amp=run.amp,
+                                channels_last=t.channels_last)
+        val_loss = nn.functional.cross_entropy(logits, run.val.labels).item()
+        val_acc = (logits.argmax(1) == run.val.labels).float().mean().item()
     row = {
         "epoch": epoch + 1,
         "train_loss": epoch_losses.mean().item(),
-        "train_acc": epoch_correct.sum().item() / (run.steps_per_epoch * run.batch),
-        "test_loss": nn.functional.cross_entropy(test_logits, test.labels).item(),
-        "test_acc": (test_logits.argmax(1) == test.labels).float().mean().item(),
+        "train_acc": epoch_correct.sum().item() / run.images_per_epoch,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
         "lr": trainee.step.optimizer.param_groups[0]["lr"],
-        "images_per_s": run.steps_per_epoch * run.batch / seconds_train,
+        "images_per_s": run.images_per_epoch / seconds_train,
         "seconds": time.perf_counter() - t0,
     }
     log.info(
-        "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.4g  %.0f img/s  %.1f s",
-        row["epoch"], t.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"],
+        "epoch %d/%d  train loss %.4f acc %.4f%s  lr %.4g  %.0f img/s  %.1f s",
+        row["epoch"], t.epochs, row["train_loss"], row["train_acc"],
+        f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if run.val is not None else "",
         row["lr"], row["images_per_s"], row["seconds"],
     )
     return row
@@ -271,18 +253,32 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
     with atomic_path(paths.model_out) as tmp:
         torch.save(bundle, tmp)
     last = history[-1]
+    seconds = sum(r["seconds"] for r in history)
+    flops = run.flops_per_image * run.images_per_epoch * t.epochs  # the whole run's, resumed epochs included
     metrics = {
         "train_loss": round(last["train_loss"], 6),
         "train_acc": round(last["train_acc"], 6),
-        "test_acc": round(last["test_acc"], 6),
+        **({"val_loss": round(last["val_loss"], 6), "val_acc": round(last["val_acc"], 6)} if run.val is not None else {}),
         "epochs": t.epochs,
-        "train_seconds": round(sum(r["seconds"] for r in history), 2),
+        "train_images": len(cache.train),
+        "val_images": len(run.val) if run.val is not None else 0,
+        "train_seconds": round(seconds, 2),
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
+        # Training compute: FLOPs per image (forward + backward) x images seen; the
+        # validation passes are not counted. tflop_per_s is over whole epochs, passes included.
+        "gflop_per_image": _sig(run.flops_per_image / 1e9),
+        "train_pflop": _sig(flops / 1e15),
+        "tflop_per_s": _sig(flops / seconds / 1e12),
     }
     write_json(paths.metrics_out, metrics)
     paths.checkpoint.unlink(missing_ok=True)  # the run is complete: its outputs are the record
     run.dist.close()
     return metrics
+
+
+def _sig(x: float) -> float:
+    """Six significant digits: a tiny test run's PFLOP must not round to 0."""
+    return float(f"{x:.6g}")
 
 
 # --- What a person watches (each epoch's row: imgclf/epoch_log.py) ------------------------

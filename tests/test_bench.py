@@ -111,17 +111,27 @@ def test_the_epoch_row_is_train_itself(bench):
     """The epoch's figures are the ones train() logged while it trained and tested."""
     results, _, log = bench
     epoch = results["train_epoch"]
-    assert 0 <= epoch["test_acc"] <= 1
+    assert 0 <= epoch["val_acc"] <= 1
     assert 0 < epoch["seconds"] <= epoch["wall_seconds"]
     batch = RECIPES[-1].batch // 8  # --quick divides batches by 8
     assert epoch["batch"] == batch
     # train()'s plan and epoch lines (imgclf.train logs them).
-    steps = results["data"]["num_train"] // batch
-    assert "training resnet_fast" in log and f"batch {batch}, {steps} steps/epoch" in log
+    kept = epoch["train_images"]  # train.val_fraction (0.1) of each class held out
+    assert kept + epoch["val_images"] == results["data"]["num_train"] and 0.85 < kept / results["data"]["num_train"] < 0.95
+    steps = kept // batch
+    assert "training resnet_fast" in log and f"{kept} images, batch {batch}, {steps} steps/epoch" in log
+    # The compute: FLOPs per image (counted once) x the images the epoch trained on.
+    assert epoch["pflop"] == pytest.approx(results["flops_per_image"]["fast"] * steps * batch / 1e15, rel=1e-5)
+    # Sustained share of the peak: the epoch's FLOPs / its seconds / the all-threads peak of its
+    # precision (--quick's small matmul peak is no ceiling, so only the arithmetic is checked).
+    peak = next(p["flops_per_s"] for p in results["peak"] if (p["precision"], p["threads"]) == (epoch["peak_precision"], 0))
+    # (train_seconds is rounded to 0.01 s)
+    assert epoch["tflop_per_s"] == pytest.approx(epoch["pflop"] * 1e3 / epoch["seconds"], rel=0.006 / epoch["seconds"] + 1e-5)
+    assert epoch["peak_fraction"] == pytest.approx(epoch["tflop_per_s"] * 1e12 / peak, rel=1e-9) and epoch["peak_fraction"] > 0
     line = re.search(r"epoch 1/1 .* acc ([\d.]+)  lr \S+  (\d+) img/s  ([\d.]+) s", log)
     assert line is not None, log[-2000:]
-    test_acc, images_per_s, seconds = float(line[1]), float(line[2]), float(line[3])
-    assert epoch["test_acc"] == pytest.approx(test_acc, abs=6e-5)  # logged with 4 decimals
+    val_acc, images_per_s, seconds = float(line[1]), float(line[2]), float(line[3])
+    assert epoch["val_acc"] == pytest.approx(val_acc, abs=6e-5)  # logged with 4 decimals
     assert epoch["images_per_s"] == pytest.approx(images_per_s, abs=0.55)  # logged as a whole number
     assert epoch["seconds"] == pytest.approx(seconds, abs=0.06)  # logged with 1 decimal
 
@@ -220,7 +230,9 @@ def test_the_report_prints_exactly_these_rows():
         "throughput": seed_rows + fast_rows, "ratios": ratios,
         "preprocess": {"seconds": 1.5, "cache_bytes": 2_000_000, "load_seconds": 0.01},
         "dvc_noop": {"seconds": 0.6, "runs": [0.7, 0.6, 0.5], "project": "/p"},
-        "train_epoch": {"seconds": 2.34, "images_per_s": 760, "batch": 64, "wall_seconds": 3.0},
+        "train_epoch": {"seconds": 2.34, "images_per_s": 760, "batch": 64, "wall_seconds": 3.0, "train_images": 460,
+                        "val_images": 52, "pflop": 1.15e-5, "tflop_per_s": 0.0049, "peak_fraction": 0.049,
+                        "peak_precision": "fp32"},
         "denormal": {"matmul": 256, "flush_off": 0.01, "flush_on": 0.001, "slowdown": 10.0},
         "total_seconds": 61.2,
     }
@@ -261,7 +273,7 @@ def test_the_report_prints_exactly_these_rows():
 | preprocess the whole archive | 1.50 | cache 2.0 MB |
 | load the cache (timed_load) | 0.010 | 200 MB/s; the file was just written, so from the page cache |
 | no-op `dvc repro` | 0.60 | median of 3 in /p (0.70, 0.60, 0.50) |
-| one epoch of train() | 2.3 | 760 img/s, 512 images, batch 64, resnet_fast w32, with its test pass; 3.0 s with model build and export |
+| one epoch of train() | 2.3 | 760 img/s, 460 images (52 held out), batch 64, resnet_fast w32, with its validation pass; 3.0 s with model build and export; 1.15e-05 PFLOP, 5 GFLOP/s sustained = 4.9% of the fp32 peak |
 | 256² matmul with denormal products, flush-to-zero off / on | 0.0100 / 0.0010 | 10.0x slower unflushed (configure_threads turns flushing on) |
 
 Bench wall time 61 s."""

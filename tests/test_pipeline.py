@@ -233,5 +233,5 @@ def test_interrupted_training_resumes_to_the_same_result(project, tmp_path):
     assert losses((project.path / "metrics/train_curve.csv").read_text()) == losses(resumed_curve)
     fresh = json.loads((project.path / "metrics/train.json").read_text())
     again = json.loads(resumed_metrics)
-    for key in ("train_loss", "train_acc", "test_acc"):
+    for key in ("train_loss", "train_acc", "val_acc"):
         assert fresh[key] == again[key], key

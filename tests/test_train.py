@@ -34,8 +34,8 @@ def run(cache_dir: Path, out: Path, model: ModelParams | None = None, **train_kw
 def test_same_params_and_seed_give_identical_results(cache_dir, tmp_path):
     m1, s1 = run(cache_dir, tmp_path / "a")
     m2, s2 = run(cache_dir, tmp_path / "b")
-    for key in ("train_loss", "train_acc", "test_acc"):
-        assert m1[key] == m2[key]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "train_pflop"):
+        assert m1[key] == m2[key], key
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     m3, _ = run(cache_dir, tmp_path / "c", seed=1)
     assert m3["train_loss"] != m1["train_loss"]  # the seed matters
@@ -45,8 +45,8 @@ def test_same_params_and_seed_give_identical_results(cache_dir, tmp_path):
 def test_bf16_channels_last_learns_as_well_as_fp32(cache_dir, tmp_path):
     fp32, _ = run(cache_dir, tmp_path / "fp32", channels_last=False)
     bf16, state = run(cache_dir, tmp_path / "bf16", precision="bf16", channels_last=True)
-    assert bf16["test_acc"] >= fp32["test_acc"] - 0.1
-    assert bf16["test_acc"] > 0.5
+    assert bf16["val_acc"] >= fp32["val_acc"] - 0.1
+    assert bf16["val_acc"] > 0.5
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # weights stay fp32
 
 
@@ -54,14 +54,14 @@ def test_bf16_channels_last_learns_as_well_as_fp32(cache_dir, tmp_path):
 def test_other_architectures_train(cache_dir, tmp_path, arch, epochs, lr):
     metrics, _ = run(cache_dir, tmp_path, ModelParams(arch=arch, width=8), epochs=epochs, lr=lr)
     # Chance is 0.1; seeds 0-2 reached 0.6-0.8 here, for both.
-    assert metrics["test_acc"] > 0.4 and metrics["epochs"] == epochs
+    assert metrics["val_acc"] > 0.4 and metrics["epochs"] == epochs
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adam", "cosine"), ("adamw", "linear"), ("sgd", "constant")])
 def test_optimizers_and_schedules_learn(cache_dir, tmp_path, optimizer, schedule):
     lr = 0.05 if optimizer == "sgd" else 0.003
     metrics, _ = run(cache_dir, tmp_path, optimizer=optimizer, schedule=schedule, lr=lr, label_smoothing=0.1)
-    assert metrics["test_acc"] > 0.3
+    assert metrics["val_acc"] > 0.3
 
 
 def test_torch_compile_path_runs_on_cpu(cache_dir, tmp_path):
@@ -183,3 +183,51 @@ def test_test_time_shift_must_be_smaller_than_the_images(cache_dir_8px, tmp_path
     metrics = evaluate(tmp_path / "train/model.pt", cache_dir_8px, EvaluateParams(tta_shift=7), tmp_path / "eval.json",
                        tmp_path / "p.csv")
     assert metrics["tta_shift"] == 7 and metrics["num_test"] == 50
+
+
+def test_hold_out_is_stratified_fixed_and_disjoint():
+    from imgclf.dataset import Split, hold_out
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 7)  # uneven classes
+    split = Split(torch.arange(len(labels)).view(-1, 1, 1, 1).expand(-1, 3, 1, 1).to(torch.uint8), labels)
+    torch.manual_seed(123)
+    kept, held = hold_out(split, 0.1)
+    torch.manual_seed(456)  # the global seed (train.seed) does not move the split
+    kept2, held2 = hold_out(split, 0.1)
+    assert torch.equal(held.images, held2.images) and torch.equal(kept.images, kept2.images)
+    assert [int((held.labels == c).sum()) for c in range(3)] == [5, 3, 1]  # a tenth of each class, rounded
+    ids = torch.cat([kept.images[:, 0, 0, 0], held.images[:, 0, 0, 0]]).sort().values
+    assert torch.equal(ids, torch.arange(len(labels), dtype=torch.uint8))  # disjoint, nothing lost
+    assert torch.equal(kept.labels, labels[kept.images[:, 0, 0, 0].long()])  # labels stay with images
+
+
+def test_per_epoch_metrics_are_on_held_out_training_images_and_never_on_the_test_split(cache_dir, tmp_path):
+    no_test = tmp_path / "cache"
+    shutil.copytree(cache_dir, no_test)
+    (no_test / "test.pt").unlink()  # train must not need it: only evaluate reads the test split
+    metrics, _ = run(no_test, tmp_path / "run")
+    assert (metrics["train_images"], metrics["val_images"]) == (180, 20)  # 200 images, val_fraction 0.1
+    assert 0 <= metrics["val_acc"] <= 1 and metrics["val_loss"] > 0 and "test_acc" not in metrics
+    header, *rows = (tmp_path / "run/curve.csv").read_text().splitlines()
+    assert header.split(",")[3:5] == ["val_loss", "val_acc"] and len(rows) == 3
+    assert float(rows[-1].split(",")[4]) == pytest.approx(metrics["val_acc"], abs=1e-6)
+
+
+def test_without_validation_all_images_train_and_the_compute_is_counted(cache_dir, tmp_path):
+    metrics, _ = run(cache_dir, tmp_path / "run", val_fraction=0.0)
+    assert (metrics["train_images"], metrics["val_images"]) == (200, 0) and "val_acc" not in metrics
+    header, *rows = (tmp_path / "run/curve.csv").read_text().splitlines()
+    assert all(row.split(",")[3:5] == ["", ""] for row in rows)  # no held-out numbers to plot
+    # seed_cnn_bn on 32-pixel images: 69.6 MFLOP forward + backward; 3 epochs of 8 batches of 25.
+    assert metrics["gflop_per_image"] == pytest.approx(0.0696069, rel=1e-5)
+    assert metrics["train_pflop"] == pytest.approx(0.0696069e9 * 200 * 3 / 1e15, rel=1e-5)
+    assert metrics["tflop_per_s"] > 0
+
+
+def test_a_validation_split_that_leaves_nothing_is_refused(tmp_path, cifar_archive):
+    from imgclf.files import PipelineError
+
+    tiny = tmp_path / "processed"
+    preprocess(cifar_archive, tiny, PreprocessParams())
+    with pytest.raises(PipelineError, match=r"train.val_fraction = 0.01 of 200 training images leaves 200 to train on and 0"):
+        run(tiny, tmp_path / "run", val_fraction=0.01)

@@ -97,8 +97,11 @@ def _one_off(results: dict[str, Any]) -> list[str]:
                      f"({', '.join(f'{t:.2f}' for t in dn['runs'])}) |")
     else:
         lines.append(f"| no-op `dvc repro` | – | skipped: {dn['skipped']} |")
-    lines.append(f"| one epoch of train() | {ep['seconds']:.1f} | {ep['images_per_s']:.0f} img/s, {results['data']['num_train']} images, "
-                 f"batch {ep['batch']}, {RECIPES[-1].title}, with its test pass; {ep['wall_seconds']:.1f} s with model build and export |")
+    sustained = f"{ep['tflop_per_s'] * 1e3:.0f} GFLOP/s sustained" + (
+        f" = {100 * ep['peak_fraction']:.1f}% of the {ep['peak_precision']} peak" if ep["peak_fraction"] else "")
+    lines.append(f"| one epoch of train() | {ep['seconds']:.1f} | {ep['images_per_s']:.0f} img/s, {ep['train_images']} images "
+                 f"({ep['val_images']} held out), batch {ep['batch']}, {RECIPES[-1].title}, with its validation pass; "
+                 f"{ep['wall_seconds']:.1f} s with model build and export; {ep['pflop']:.3g} PFLOP, {sustained} |")
     if results["denormal"]:
         dn = results["denormal"]
         lines.append(f"| {dn['matmul']}² matmul with denormal products, flush-to-zero off / on | "

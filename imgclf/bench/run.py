@@ -22,12 +22,13 @@ from ..dataset import Split
 from ..files import PipelineError
 from ..params import PreprocessParams, TrainParams
 from ..preprocess import preprocess
-from ..runtime import configure_threads, resolve_device
+from ..runtime import configure_threads, resolve_device, resolve_precision
+from ..shapes import train_flops_per_image
 from ..train import TrainPaths, train
 from .feeders import RECIPES, Recipe, extract_batches
 from .machine import bf16_available, busy_elsewhere, machine_info
 from .rows import Bench, plan, ratio, recipe_ratios
-from .timing import FULL, QUICK, Settings, denormal_cost, peak_flops, synchronizer, timed_load, train_flops_per_image
+from .timing import FULL, QUICK, Settings, denormal_cost, peak_flops, synchronizer, timed_load
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def run_bench(*, archive: Path | None, project: Path | None, quick: bool, device
 
         # The FLOP ceiling: training FLOPs per image, and what the hardware sustains.
         results["flops_per_image"] = {
-            r.name: train_flops_per_image(r, cache.mean, cache.std, len(cache.classes), cache.image_size) for r in RECIPES
+            r.name: train_flops_per_image(r.model_params, num_classes=len(cache.classes), image_size=cache.image_size)
+            for r in RECIPES
         }
         results["peak"] = measure_peaks(device, s, all_threads)
         results["denormal"] = denormal_cost(s.repeats) if device.type == "cpu" else None
@@ -98,6 +100,12 @@ def run_bench(*, archive: Path | None, project: Path | None, quick: bool, device
         batch = fast.batch // s.batch_divisor
         log.info("one epoch of imgclf.train.train (%s, batch %d) on %d images", fast.title, batch, len(cache.train))
         epoch = results["train_epoch"] = train_epoch(fast, batch, cache_dir, tmp / "train", device)
+        # Sustained over the whole epoch, its validation pass and the logging included: the
+        # share of the matmul peak (all threads) at the precision train() chose.
+        precision = {None: "fp32", torch.bfloat16: "bf16"}.get(resolve_precision("auto", device))
+        peak = next((p["flops_per_s"] for p in results["peak"] if (p["precision"], p["threads"]) == (precision, 0)), None)
+        epoch["peak_fraction"] = epoch["tflop_per_s"] * 1e12 / peak if peak else None  # None: fp16, unmeasured
+        epoch["peak_precision"] = precision
         twin = next(r for r in rows if r["recipe"] == fast.name)  # the recipe's pipeline row
         ratios.append(ratio("train() epoch / bench pipeline", "train_epoch", epoch["images_per_s"], twin["id"], twin["images_per_s"], "a/b", fast.name))
         results["ratios"] = ratios
@@ -199,5 +207,8 @@ def train_epoch(recipe: Recipe, batch: int, cache_dir: Path, out: Path, device: 
         "wall_seconds": time.perf_counter() - t0,  # model build, epoch, test pass, export
         "seconds": metrics["train_seconds"],  # the epoch and its test pass, as train.py logs it
         "images_per_s": metrics["images_per_s"],  # the epoch's training steps alone
-        "test_acc": metrics["test_acc"],
+        "val_acc": metrics["val_acc"],  # on the held-out tenth (train.val_fraction)
+        "train_images": metrics["train_images"], "val_images": metrics["val_images"],
+        "pflop": metrics["train_pflop"],  # the epoch's training compute
+        "tflop_per_s": metrics["tflop_per_s"],  # over the epoch and its validation pass
     }

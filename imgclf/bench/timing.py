@@ -1,5 +1,6 @@
-"""How figures are taken: a synchronised clock, warm-up and timed repeats, the FLOP count of
-a training image, the matmul peak, the cost of denormals, and the time to load the cache."""
+"""How figures are taken: a synchronised clock, warm-up and timed repeats, the matmul peak,
+the cost of denormals, and the time to load the cache. (The FLOP count of a training image
+is :func:`imgclf.shapes.train_flops_per_image`, which the train stage reports too.)"""
 
 from __future__ import annotations
 
@@ -12,12 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .. import models
 from ..dataset import Cache, load_cache
-from .feeders import Feeder, Recipe
+from .feeders import Feeder
 
 
 @dataclass(frozen=True)
@@ -86,22 +84,6 @@ def peak_flops(dtype: torch.dtype, device: torch.device, n: int, repeats: int, s
         sync()
         rates.append(2 * n**3 / (time.perf_counter() - t0))
     return statistics.median(rates)
-
-
-def train_flops_per_image(recipe: Recipe, mean: list[float], std: list[float], num_classes: int, image_size: int) -> float:
-    """Forward + backward FLOPs of one training image, counted by FlopCounterMode.
-
-    It counts matrix products and convolutions (2 FLOPs per multiply-add); batch norm,
-    activations, pooling and the optimiser are not counted, so the achieved fraction it
-    gives is a lower bound. The count depends on shapes only, not on dtype or device."""
-    args = models.arch_args(recipe.model_params, num_classes=num_classes, image_size=image_size)
-    model = models.build(recipe.arch, args, mean, std).train()
-    n = 4
-    x = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8)
-    y = torch.arange(n) % num_classes
-    with FlopCounterMode(display=False) as counter:
-        nn.functional.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops() / n
 
 
 def denormal_cost(repeats: int, n: int = 256) -> dict[str, float]:
