@@ -58,7 +58,7 @@ test: install
 # A final run: all the training images (val_fraction=0), judged once on the test set.
 FAST_RECIPE := -S model.arch=resnet_fast -S model.width=32 -S train.batch_size=256 \
 	-S train.lr=0.2 -S train.epochs=13 -S train.label_smoothing=0.2 -S train.val_fraction=0 \
-	-S evaluate.tta_flip=true -S evaluate.tta_shift=1
+	-S export.tta_flip=true -S export.tta_shift=1
 
 fast: install
 	dvc exp run $(FAST_RECIPE)

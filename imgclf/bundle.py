@@ -7,7 +7,8 @@ Tutorial §4.10 saves and loads a model two ways:
   files you trust only.
 * ``torch.save(state_dict)`` stores tensors only, loadable with ``weights_only=True``. Our
   file also carries what is needed to rebuild and use the model: the architecture name and
-  arguments, class names and the normalisation mean and std.
+  arguments, class names and the normalisation mean and std, and (from the export stage) the
+  test-time augmentation the model is used with, ``"tta"`` (:mod:`imgclf.tta`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from .files import PipelineError
 from .models import Classifier, build
+from .tta import with_tta
 
 FORMAT = "imgclf-state-dict"
 VERSION = 1
@@ -53,6 +55,10 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
         raise PipelineError(f"{path}: not an {FORMAT} file (missing 'format': {FORMAT!r})")
     if bundle.get("version") != VERSION:
         raise PipelineError(f"{path}: format version {bundle.get('version')} is not supported (expected {VERSION})")
+    tta = bundle.get("tta")
+    if tta is not None and not (isinstance(tta, dict) and set(tta) == {"flip", "shift"} and isinstance(tta["flip"], bool)
+                                and type(tta["shift"]) is int and 0 <= tta["shift"] < int(bundle.get("image_size", 0))):
+        raise PipelineError(f"{path}: 'tta' must be {{'flip': bool, 'shift': pixels below the image size}}, not {tta!r}")
     return bundle
 
 
@@ -64,12 +70,13 @@ def model_from_bundle(bundle: dict[str, Any]) -> Classifier:
     return model.eval()
 
 
-def load_state_dict_model(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the model from a state_dict file; returns ``(model, bundle)``."""
+def load_state_dict_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model from a state_dict file, with the test-time augmentation it carries
+    (the plain :class:`Classifier` when none); returns ``(model, bundle)``."""
     bundle = read_bundle(path)
-    return model_from_bundle(bundle), bundle
+    return with_tta(model_from_bundle(bundle), bundle.get("tta")).eval(), bundle
 
 
-def load_whole_model(path: str | os.PathLike) -> Classifier:
+def load_whole_model(path: str | os.PathLike) -> torch.nn.Module:
     """Unpickle a whole-model file. Runs code from the file: trusted files only."""
     return torch.load(path, map_location="cpu", weights_only=False).eval()

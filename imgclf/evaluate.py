@@ -1,60 +1,34 @@
-"""The evaluate stage's work: test accuracy, loss, per-class accuracy and the confusion data."""
+"""The evaluate stage's work: test accuracy, loss, per-class accuracy and the confusion data,
+of the exported model (``models/model_state.pt``) with the test-time augmentation it carries:
+what ``imgclf-predict`` and the serving files compute."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .bundle import model_from_bundle, read_bundle
-from .dataset import META_FILE, load_cache, load_meta
-from .files import PipelineError, atomic_path, write_json
+from .bundle import load_state_dict_model
+from .dataset import load_cache
+from .files import atomic_path, write_json
 from .params import EvaluateParams
 from .runtime import predict_logits, resolve_device
+from .tta import views
 
 log = logging.getLogger(__name__)
 
 
-def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """The images translated by (dy, dx) pixels, the uncovered border filled by reflection."""
-    p = max(abs(dy), abs(dx))
-    if p == 0:
-        return images
-    h, w = images.shape[-2:]
-    padded = nn.functional.pad(images, (p, p, p, p), mode="reflect")
-    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
-
-
-def tta_logits(model: nn.Module, images: torch.Tensor, e: EvaluateParams, device: torch.device) -> torch.Tensor:
-    """Logits averaged over the test-time views the params ask for: the image, its mirror
-    (``tta_flip``), and both shifted diagonally by ``tta_shift`` pixels either way."""
-    offsets = [(0, 0)] + ([(e.tta_shift, e.tta_shift), (-e.tta_shift, -e.tta_shift)] if e.tta_shift else [])
-    total = None
-    for dy, dx in offsets:
-        logits = predict_logits(model, shift(images, dy, dx), batch_size=e.batch_size, device=device, tta_flip=e.tta_flip)
-        total = logits if total is None else total + logits
-    return total / len(offsets)
-
-
 def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: EvaluateParams,
              metrics_out: str | os.PathLike, predictions_out: str | os.PathLike) -> dict[str, Any]:
-    image_size = int(load_meta(cache_dir)["image_size"])
-    if e.tta_shift >= image_size:  # reflect padding must be narrower than the image
-        raise PipelineError(
-            f"evaluate.tta_shift = {e.tta_shift} must be smaller than the images (preprocess.image_size = "
-            f"{image_size}, in {Path(cache_dir) / META_FILE})"
-        )
-    bundle = read_bundle(model_path)
-    model = model_from_bundle(bundle)
+    model, bundle = load_state_dict_model(model_path)
+    tta = bundle.get("tta") or {"flip": False, "shift": 0}
     device = resolve_device("auto")
     model.to(device)
     test = load_cache(cache_dir, splits=("test",)).test
-    logits = tta_logits(model, test.images, e, device)
+    logits = predict_logits(model, test.images, batch_size=e.batch_size, device=device)
     labels = test.labels
     pred = logits.argmax(1)
     classes = bundle["classes"]
@@ -66,8 +40,8 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: Eva
         "test_acc": round((pred == labels).float().mean().item(), 6),
         "test_loss": round(nn.functional.cross_entropy(logits, labels).item(), 6),
         "num_test": len(labels),
-        "tta_flip": e.tta_flip,
-        "tta_shift": e.tta_shift,
+        "tta_flip": tta["flip"],
+        "tta_shift": tta["shift"],
         "per_class_acc": per_class,
     }
     write_json(metrics_out, metrics)
@@ -78,9 +52,9 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: Eva
             rows = csv.writer(f, lineterminator="\n")
             rows.writerow(["actual", "predicted"])
             rows.writerows((classes[a], classes[p]) for a, p in zip(labels.tolist(), pred.tolist(), strict=True))
-    views = (2 if e.tta_flip else 1) * (3 if e.tta_shift else 1)
+    n_views = views(tta["flip"], tta["shift"])
     log.info("test accuracy %.4f, loss %.4f on %d images%s", metrics["test_acc"], metrics["test_loss"],
-             len(labels), f" ({views} test-time views)" if views > 1 else "")
+             len(labels), f" ({n_views} test-time views)" if n_views > 1 else "")
     worst = sorted((v, k) for k, v in per_class.items() if v is not None)[:3]
     log.info("weakest classes: %s", ", ".join(f"{k} {v:.3f}" for v, k in worst))
     return metrics

@@ -23,6 +23,7 @@ import torch
 
 from . import serving
 from .bundle import load_state_dict_model, load_whole_model, model_from_bundle, read_bundle
+from .tta import with_tta
 from .files import PipelineError, atomic_path
 
 
@@ -81,13 +82,19 @@ def check_agreement(expected: torch.Tensor, got: dict[str, torch.Tensor], tolera
 
 def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, state_out: str | os.PathLike,
            serving_out: str | os.PathLike, images: torch.Tensor, *, formats: Sequence[str] = serving.FORMATS,
-           tolerance: float = 1e-3) -> dict[str, Any]:
+           tolerance: float = 1e-3, tta_flip: bool = False, tta_shift: int = 0) -> dict[str, Any]:
     """Write every export, prove each reloads in a fresh process and agrees on ``images``.
 
     ``serving_out`` is a folder holding one file per format in ``formats`` (none: empty).
+    With test-time augmentation on, every file holds or rebuilds the averaging module
+    (:mod:`imgclf.tta`): they all give the augmented logits.
     """
     bundle = read_bundle(model_in)
-    model = model_from_bundle(bundle)
+    if tta_shift >= bundle["image_size"]:  # reflect padding must be narrower than the image
+        raise PipelineError(f"export.tta_shift = {tta_shift} must be smaller than the images "
+                            f"(preprocess.image_size = {bundle['image_size']}, in {model_in})")
+    bundle["tta"] = {"flip": tta_flip, "shift": tta_shift}
+    model = with_tta(model_from_bundle(bundle), bundle["tta"]).eval()
     torch.set_num_threads(1)
     with torch.no_grad():
         expected = model(images)

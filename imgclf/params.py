@@ -15,7 +15,7 @@ key given twice is an error, as it is to DVC, not the last value silently.
 
 Checks that need the image size, which the preprocess stage decides (``meta.json``), are made
 by the stage that knows both: train (``crop_padding``, the architecture's smallest image) and
-evaluate (``tta_shift``).
+export (``tta_shift``).
 """
 
 from __future__ import annotations
@@ -149,8 +149,6 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(1000, ge=1, le=65_536)
-    tta_flip: bool = False  # average logits of the image and its mirror
-    tta_shift: int = Field(0, ge=0, le=8)  # pixels: also average views shifted by (+s,+s), (-s,-s); 0 = off; < image size
 
 
 class ExportParams(_Section):
@@ -160,6 +158,10 @@ class ExportParams(_Section):
     # Largest |logit difference| the ONNX and .pt2 files may show against PyTorch: float32
     # reordering gives ~1e-6; a wrong graph gives differences of order 1.
     tolerance: float = Field(1e-3, gt=0, le=1)
+    # Test-time augmentation, part of the exported model (imgclf/tta.py): evaluate, predict and
+    # the serving files all average these views.
+    tta_flip: bool = False  # average logits of the image and its mirror
+    tta_shift: int = Field(0, ge=0, le=8)  # pixels: also average views shifted by (+s,+s), (-s,-s); 0 = off; < image size
 
 
 class Params(_Section):

@@ -68,7 +68,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device,
-                   amp: torch.dtype | None = None, channels_last: bool = False, tta_flip: bool = False) -> torch.Tensor:
+                   amp: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """Logits (float32, on CPU) of a uint8 image tensor, batched."""
     model.eval()
     out = []
@@ -77,7 +77,5 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int, d
         x = images[i : i + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
         with autocast(device, amp):
             logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
         out.append(logits.cpu())
     return torch.cat(out) if out else torch.empty(0)

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: test metrics, per-class accuracy and confusion-matrix data."""
+"""Stage `evaluate`: test metrics, per-class accuracy and confusion-matrix data of the exported
+model, with its test-time augmentation (what predict and the serving files compute)."""
 
 from imgclf import paths
 from imgclf.cli import run_stage
@@ -8,7 +9,7 @@ from imgclf.params import load_params
 
 def main() -> None:
     params = load_params(paths.PARAMS)
-    evaluate(paths.TRAINED_MODEL, paths.PROCESSED_DIR, params.evaluate, paths.EVAL_METRICS, paths.PREDICTIONS)
+    evaluate(paths.STATE_DICT, paths.PROCESSED_DIR, params.evaluate, paths.EVAL_METRICS, paths.PREDICTIONS)
 
 
 if __name__ == "__main__":

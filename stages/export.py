@@ -17,7 +17,7 @@ def main() -> None:
     images = load_cache(paths.PROCESSED_DIR, splits=("test",)).test.images[: params.check_batch].clone()
     formats = [f for f in FORMATS if getattr(params, f)]
     report = export(paths.TRAINED_MODEL, paths.WHOLE_MODEL, paths.STATE_DICT, paths.SERVING_DIR, images,
-                    formats=formats, tolerance=params.tolerance)
+                    formats=formats, tolerance=params.tolerance, tta_flip=params.tta_flip, tta_shift=params.tta_shift)
     write_json(paths.EXPORT_METRICS, report)
     written = [paths.WHOLE_MODEL, paths.STATE_DICT, *(paths.SERVING_DIR / FILE_NAMES[f] for f in formats)]
     logging.getLogger("export").info("exported %s; all reload in a fresh process and agree on %d images%s",

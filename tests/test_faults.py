@@ -338,9 +338,10 @@ def stop_queue_workers(proj: Project) -> None:
 
 def test_two_queued_experiments_run_at_once_and_both_show_their_metrics(trained, tmp_path):
     proj = clone(trained, tmp_path)
-    # Evaluate's params: each experiment reruns params and evaluate only, so the case stays short.
-    for setting in ("evaluate.tta_flip=true", "evaluate.tta_shift=1"):
-        proj.dvc("exp", "run", "--queue", "-S", setting)
+    # Test-time augmentation: each experiment reruns params, export and evaluate only (without
+    # the serving files), so the case stays short.
+    for setting in ("export.tta_flip=true", "export.tta_shift=1"):
+        proj.dvc("exp", "run", "--queue", "-S", setting, "-S", "export.onnx=false", "-S", "export.pt2=false")
     try:
         started = proj.dvc("queue", "start", "-j", "2")
         assert "Started '2' new experiments task queue workers" in started.stdout + started.stderr
@@ -362,7 +363,7 @@ def test_two_queued_experiments_run_at_once_and_both_show_their_metrics(trained,
         for exp in row.get("experiments") or []:
             for rev in exp["revs"]:
                 data = rev["data"]
-                params = data["params"]["params.yaml"]["data"]["evaluate"]
+                params = data["params"]["params.yaml"]["data"]["export"]
                 shown[params["tta_flip"], params["tta_shift"]] = data["metrics"]["metrics/eval.json"]["data"]
     assert set(shown) == {(True, 0), (False, 1)}, shown
     for (flip, shift), metrics in shown.items():  # each row shows the metrics its own run wrote

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -114,6 +115,45 @@ def test_predictions_match_the_evaluate_stage(own_project):
         cwd=proj.path, env=env, capture_output=True,
     )
     assert as_json.returncode == 0 and json.loads(as_json.stdout.decode("utf-8"))[0]["path"] == "odd-\\xff.png"
+
+
+def predict_json(proj, model: str, folder: Path) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "imgclf.predict", "--model", model, "--json", "--top-k", "3", str(folder)],
+                         cwd=proj.path, env=run_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return sorted(json.loads(out.stdout), key=lambda r: (Path(r["path"]).parent.name, r["path"]))
+
+
+def test_with_test_time_augmentation_predict_and_serving_see_what_evaluate_sees(own_project):
+    """TTA is part of the exported model: evaluate, predict and the ONNX file all average the
+    same 6 views (flip x 3 shifts), and that differs from the plain model's answers."""
+    from imgclf.bundle import model_from_bundle, read_bundle
+    from imgclf.predict import predict_files
+
+    proj = own_project
+    proj.set_params(export={"tta_flip": True, "tta_shift": 2})
+    proj.dvc("repro")
+    ev = json.loads((proj.path / "metrics/eval.json").read_text())
+    assert (ev["tta_flip"], ev["tta_shift"]) == (True, 2)
+    test_dir = proj.path / "data/source/shapes/test"
+    torch_preds = predict_json(proj, "models/model_state.pt", test_dir)
+    onnx_preds = predict_json(proj, "models/serving/model.onnx", test_dir)
+    with open(proj.path / "metrics/predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(torch_preds) == len(onnx_preds) == 24
+    for row, t, o in zip(rows, torch_preds, onnx_preds, strict=True):
+        assert row["predicted"] == t["top"][0]["class"] == o["top"][0]["class"], t["path"]
+        assert [c["class"] for c in t["top"]] == [c["class"] for c in o["top"]]
+        assert [c["prob"] for c in t["top"]] == pytest.approx([c["prob"] for c in o["top"]], abs=1e-4)
+    bundle = read_bundle(proj.path / "models/model_state.pt")
+    assert bundle["tta"] == {"flip": True, "shift": 2}
+    plain = sorted(predict_files(model_from_bundle(bundle), bundle, [test_dir]),
+                   key=lambda r: (Path(r["path"]).parent.name, r["path"]))
+    # The averaging is applied: not the single view's probabilities. (These easy images are
+    # classified with near-certainty either way, so the runners-up show the difference.)
+    gap = max(abs(math.log(p["top"][-1]["prob"]) - math.log(t["top"][-1]["prob"]))
+              for p, t in zip(plain, torch_preds, strict=True))
+    assert gap > 0.01, gap  # 0.12 here; identical views would give ~1e-6
 
 
 def test_zip_archive_over_http_with_checksum(project, http_root, http_server, tmp_path):

@@ -88,8 +88,10 @@ def test_train_param_reruns_only_downstream(project):
     project.dvc("repro")
     project.set_params(train={"lr": 0.01})
     assert project.ran_stages(project.dvc("repro")) == ["params", "train", "evaluate", "export"]
-    project.set_params(evaluate={"tta_flip": True})
+    project.set_params(evaluate={"batch_size": 7})
     assert project.ran_stages(project.dvc("repro")) == ["params", "evaluate"]
+    project.set_params(export={"tta_flip": True})  # part of the exported model, which evaluate evaluates
+    assert project.ran_stages(project.dvc("repro")) == ["params", "export", "evaluate"]
     assert json.loads((project.path / "metrics/eval.json").read_text())["tta_flip"] is True
 
 

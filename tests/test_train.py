@@ -172,17 +172,20 @@ def test_params_that_do_not_fit_the_image_size_fail_before_training(cache_dir_8p
 
 def test_test_time_shift_must_be_smaller_than_the_images(cache_dir_8px, tmp_path):
     from imgclf.evaluate import evaluate
+    from imgclf.export import export
     from imgclf.files import PipelineError
     from imgclf.params import EvaluateParams
 
-    with pytest.raises(PipelineError, match=r"^evaluate.tta_shift = 8 must be smaller than the images \(preprocess.image_size = 8"):
-        evaluate(tmp_path / "model.pt", cache_dir_8px, EvaluateParams(tta_shift=8), tmp_path / "eval.json", tmp_path / "p.csv")
-    assert list(tmp_path.iterdir()) == []
-    # 7 is smaller: it runs (seed_cnn_bn takes 8-pixel images).
     run(cache_dir_8px, tmp_path / "train", epochs=1)
-    metrics = evaluate(tmp_path / "train/model.pt", cache_dir_8px, EvaluateParams(tta_shift=7), tmp_path / "eval.json",
-                       tmp_path / "p.csv")
-    assert metrics["tta_shift"] == 7 and metrics["num_test"] == 50
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    outs = [tmp_path / "out/model.pt", tmp_path / "out/model_state.pt", tmp_path / "out/serving"]
+    with pytest.raises(PipelineError, match=r"^export.tta_shift = 8 must be smaller than the images \(preprocess.image_size = 8"):
+        export(tmp_path / "train/model.pt", *outs, images, formats=(), tta_shift=8)
+    assert not (tmp_path / "out").exists()  # nothing written
+    # 7 is smaller: it runs (seed_cnn_bn takes 8-pixel images), and evaluate applies it.
+    export(tmp_path / "train/model.pt", *outs, images, formats=(), tta_shift=7)
+    metrics = evaluate(outs[1], cache_dir_8px, EvaluateParams(), tmp_path / "eval.json", tmp_path / "p.csv")
+    assert (metrics["tta_flip"], metrics["tta_shift"], metrics["num_test"]) == (False, 7, 50)
 
 
 def test_hold_out_is_stratified_fixed_and_disjoint():

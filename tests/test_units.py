@@ -178,7 +178,7 @@ def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
     ("train:\n  augment:\n    flip: off\n", "train.augment.flip = 'off': must be true or false"),  # YAML 1.2, as DVC
     ("train:\n  warmup_epochs: .inf\n", "train.warmup_epochs = inf: must be a finite number"),
     ("train:\n  lr: .nan\n", "train.lr = nan: must be a finite number"),
-    ("evaluate:\n  tta_flip: 1\n", "evaluate.tta_flip = 1: must be true or false"),
+    ("export:\n  tta_flip: 1\n", "export.tta_flip = 1: must be true or false"),
     ("trian:\n  lr: 0.1\n", "unknown section 'trian' (value {'lr': 0.1}); the keys of the top level are: download,"),
     ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "params.yaml, line 4: key 'lr' is given twice in the mapping that starts at line 2"),
     ("train:\n  lr: [0.1\n", "params.yaml, line 3: not valid YAML"),
@@ -384,8 +384,7 @@ def test_transforms_v1_and_v2_agree_and_v2_takes_batches():
 
 
 def test_test_time_views():
-    from imgclf.evaluate import shift, tta_logits
-    from imgclf.params import EvaluateParams
+    from imgclf.tta import TestTimeAugmented, shift, with_tta
 
     images = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).reshape(2, 3, 6, 6)
     moved = shift(images, 1, 1)
@@ -398,10 +397,15 @@ def test_test_time_views():
             x = x.float()
             return torch.stack([x[..., :3].mean((1, 2, 3)), x[..., 3:].mean((1, 2, 3))], 1)
 
-    plain = tta_logits(Probe(), images, EvaluateParams(), torch.device("cpu"))
-    flipped = tta_logits(Probe(), images, EvaluateParams(tta_flip=True), torch.device("cpu"))
+    probe = Probe()
+    assert with_tta(probe, {"flip": False, "shift": 0}) is probe and with_tta(probe, None) is probe
+    plain = probe(images)
+    flipped = with_tta(probe, {"flip": True, "shift": 0})(images)
     torch.testing.assert_close(flipped[:, 0], flipped[:, 1])  # mirror views average the halves
     assert not torch.allclose(plain[:, 0], plain[:, 1])
-    shifted = tta_logits(Probe(), images, EvaluateParams(tta_shift=1), torch.device("cpu"))
-    expected = sum(Probe()(shift(images, d, d)) for d in (0, 1, -1)) / 3
+    shifted = TestTimeAugmented(probe, flip=False, shift=1)(images)
+    expected = sum(probe(shift(images, d, d)) for d in (0, 1, -1)) / 3
     torch.testing.assert_close(shifted, expected)
+    both = TestTimeAugmented(probe, flip=True, shift=1)(images)  # 6 views: 3 shifts x (image, mirror)
+    expected = sum(probe(v) for d in (0, 1, -1) for v in (shift(images, d, d), shift(images, d, d).flip(-1))) / 6
+    torch.testing.assert_close(both, expected)
