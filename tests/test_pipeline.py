@@ -27,7 +27,7 @@ OUTPUTS = [
 
 def test_full_repro_writes_every_declared_output(project):
     proc = project.dvc("repro")
-    assert project.ran_stages(proc) == ["params", "download", "preprocess", "train", "evaluate", "export"]
+    assert project.ran_stages(proc) == ["params", "download", "preprocess", "train", "export", "evaluate"]
     for rel in OUTPUTS:
         assert (project.path / rel).is_file(), rel
     assert any((project.path / "logs/train").glob("events.out.tfevents.*"))
@@ -87,7 +87,7 @@ def axis_titles(spec) -> dict[str, set[str]]:
 def test_train_param_reruns_only_downstream(project):
     project.dvc("repro")
     project.set_params(train={"lr": 0.01})
-    assert project.ran_stages(project.dvc("repro")) == ["params", "train", "evaluate", "export"]
+    assert project.ran_stages(project.dvc("repro")) == ["params", "train", "export", "evaluate"]
     project.set_params(evaluate={"batch_size": 7})
     assert project.ran_stages(project.dvc("repro")) == ["params", "evaluate"]
     project.set_params(export={"tta_flip": True})  # part of the exported model, which evaluate evaluates
