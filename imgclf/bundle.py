@@ -9,6 +9,9 @@ Tutorial §4.10 saves and loads a model two ways:
   file also carries what is needed to rebuild and use the model: the architecture name and
   arguments, class names and the normalisation mean and std, and (from the export stage) the
   test-time augmentation the model is used with, ``"tta"`` (:mod:`imgclf.tta`).
+
+Opening an exported file for use, its test-time augmentation applied, is
+:mod:`imgclf.loading` (the train stage writes bundles and never needs it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import torch
 
 from .files import PipelineError
 from .models import Classifier, build
-from .tta import with_tta
 
 FORMAT = "imgclf-state-dict"
 VERSION = 1
@@ -68,15 +70,3 @@ def model_from_bundle(bundle: dict[str, Any]) -> Classifier:
     model = build(bundle["arch"], args, bundle["mean"], bundle["std"])
     model.load_state_dict(bundle["state_dict"])
     return model.eval()
-
-
-def load_state_dict_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from a state_dict file, with the test-time augmentation it carries
-    (the plain :class:`Classifier` when none); returns ``(model, bundle)``."""
-    bundle = read_bundle(path)
-    return with_tta(model_from_bundle(bundle), bundle.get("tta")).eval(), bundle
-
-
-def load_whole_model(path: str | os.PathLike) -> torch.nn.Module:
-    """Unpickle a whole-model file. Runs code from the file: trusted files only."""
-    return torch.load(path, map_location="cpu", weights_only=False).eval()

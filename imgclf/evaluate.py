@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .bundle import load_state_dict_model
+from .loading import load_state_dict_model
 from .dataset import load_cache
 from .files import atomic_path, write_json
 from .params import EvaluateParams

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from . import serving
-from .bundle import load_state_dict_model, load_whole_model, model_from_bundle, read_bundle
+from .bundle import model_from_bundle, read_bundle
+from .loading import load_state_dict_model, load_whole_model
 from .tta import with_tta
 from .files import PipelineError, atomic_path
 

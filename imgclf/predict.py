@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from . import paths as project_paths
-from .bundle import load_state_dict_model, load_whole_model, read_bundle
+from .bundle import read_bundle
+from .loading import load_state_dict_model, load_whole_model
 from .files import PipelineError
 from .decode import IMAGE_SUFFIXES, ImageFileError, load_image_file
 from .serving import OnnxClassifier

@@ -32,7 +32,8 @@ import pytest
 import yaml
 
 from imgclf import cifar
-from imgclf.cifar import FOLDER, UnsafePickleError, load_pickle
+from imgclf.cifar import FOLDER
+from imgclf.safe_pickle import UnsafePickleError, load_pickle
 from imgclf.cifar_writer import write_archive
 from imgclf.files import PipelineError, file_digest
 

@@ -12,7 +12,8 @@ import tarfile
 import pytest
 import torch
 
-from imgclf.cifar import FOLDER, load_pickle, read_archive, UnsafePickleError
+from imgclf.cifar import FOLDER, read_archive
+from imgclf.safe_pickle import UnsafePickleError, load_pickle
 from imgclf.cifar_writer import write_archive
 from imgclf.files import PipelineError, file_digest
 from imgclf.params import PreprocessParams

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from imgclf.bundle import load_state_dict_model, load_whole_model
+from imgclf.loading import load_state_dict_model, load_whole_model
 from imgclf.serving import OnnxClassifier, load_pt2
 
 from helpers import run_env

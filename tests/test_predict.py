@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from imgclf import models, serving
-from imgclf.bundle import load_state_dict_model, make_bundle
+from imgclf.bundle import make_bundle
+from imgclf.loading import load_state_dict_model
 from imgclf.decode import load_image_file
 from imgclf.imagefolder import read_archive
 from imgclf.params import ModelParams
