@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgclf import cifar
+from imgclf import safe_pickle
 from imgclf.cifar import FOLDER
 from imgclf.safe_pickle import UnsafePickleError, load_pickle
 from imgclf.cifar_writer import write_archive
@@ -363,7 +363,7 @@ def test_unpickler_refuses(case):
 
 
 def test_unpickler_bounds_the_memo_count(monkeypatch):
-    monkeypatch.setattr(cifar, "MAX_MEMO", 10)
+    monkeypatch.setattr(safe_pickle, "MAX_MEMO", 10)
     puts = b"".join(P.BINPUT + bytes([i]) for i in range(11))
     with pytest.raises(UnsafePickleError, match="refusing more than 10 memo entries"):
         load_pickle(P.PROTO + b"\x02" + P.EMPTY_DICT + puts + P.STOP, source="b")
