@@ -25,7 +25,7 @@ from . import serving
 from .bundle import model_from_bundle, read_bundle
 from .loading import load_state_dict_model, load_whole_model
 from .tta import with_tta
-from .files import PipelineError, atomic_path
+from .files import PipelineError, atomic_path, describe_os_error
 
 
 def _logits_of_files(files: dict[str, str], images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -49,9 +49,18 @@ def verify_in_fresh_process(files: dict[str, Path], images: torch.Tensor) -> dic
     A fresh process proves the files stand alone: nothing of this process's state (the
     model object, imported-but-unsaved classes) can make them look loadable.
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    try:
+        tmp_dir = tempfile.TemporaryDirectory(prefix="imgclf-export-check-")
+    except OSError as e:
+        raise PipelineError(f"cannot make the export check's temporary folder in {tempfile.gettempdir()}: "
+                            f"{describe_os_error(e)} (set TMPDIR to a folder with room)") from None
+    with tmp_dir as tmp:
         inp, out = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
-        torch.save(images, inp)
+        try:
+            torch.save(images, inp)
+        except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+            raise PipelineError(f"cannot write the export check's images to {inp}: {str(e).splitlines()[0]} "
+                                f"(is {tempfile.gettempdir()} full? set TMPDIR to a folder with room)") from None
         code = (
             "import json, sys, torch; from imgclf.export import _logits_of_files; "
             "torch.save(_logits_of_files(json.loads(sys.argv[1]), torch.load(sys.argv[2])), sys.argv[3])"

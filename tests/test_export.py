@@ -4,6 +4,9 @@ off in a real `dvc repro`, and a file that disagrees with PyTorch stops the stag
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -109,3 +112,27 @@ def test_a_format_turned_off_is_not_written_and_dvc_is_content(project):
     report = json.loads((project.path / "metrics/export.json").read_text())
     assert not any(k.endswith(("_onnx", "_pt2")) for k in report) and report["max_abs_diff_state_dict"] == 0
     assert json.loads(project.dvc("status", "--json").stdout) == {}
+
+
+def test_the_export_check_names_a_temporary_folder_it_cannot_use(tmp_path, monkeypatch):
+    """The fresh-process check writes its images to a temporary folder: a missing folder or a
+    full disk there is one line naming it, not a traceback."""
+    import tempfile
+
+    from imgclf.export import verify_in_fresh_process
+
+    images = torch.zeros(32, 3, 32, 32, dtype=torch.uint8)  # 98 KB
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))
+    with pytest.raises(PipelineError, match=r"^cannot make the export check's temporary folder in .*/file: .*TMPDIR"):
+        verify_in_fresh_process({}, images)
+    # A file-size limit (like a full disk) while torch.save writes the images.
+    code = ("import resource, torch; from imgclf.export import verify_in_fresh_process; "
+            "from imgclf.files import PipelineError\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))\n"
+            "try:\n    verify_in_fresh_process({}, torch.zeros(32, 3, 32, 32, dtype=torch.uint8))\n"
+            "except PipelineError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.match(r"cannot write the export check's images to \S+/in.pt: .* \(is \S+ full\? set TMPDIR", proc.stdout), proc.stdout
