@@ -147,9 +147,14 @@ def test_experiments_show_their_own_params_and_metrics(project):
                 data = rev["data"]
                 params = data["params"]["params.yaml"]["data"]
                 metrics = data["metrics"]["metrics/eval.json"]["data"]
-                exps[rev["name"]] = (params["train"]["lr"], metrics["test_acc"], rev["rev"])
+                train = data["metrics"]["metrics/train.json"]["data"]
+                exps[rev["name"]] = (params["train"]["lr"], metrics["test_acc"], rev["rev"], train)
     assert exps.keys() >= {"lr-small", "lr-big"}
     assert exps["lr-small"][0] == 0.005 and exps["lr-big"][0] == 0.05
+    # Accuracy and compute side by side: the same network and images, so the same PFLOP.
+    compute = {name: (exps[name][3]["train_pflop"], exps[name][3]["gflop_per_image"]) for name in ("lr-small", "lr-big")}
+    assert compute["lr-small"] == compute["lr-big"] and compute["lr-small"][0] > 0, compute
+    assert 0 <= exps["lr-small"][3]["val_acc"] <= 1
     # Each row shows its own experiment's metrics: those committed in its own ref.
     for name in ("lr-small", "lr-big"):
         committed = json.loads(project.git("show", f"{exps[name][2]}:metrics/eval.json").stdout)
