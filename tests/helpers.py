@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -51,6 +52,13 @@ def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz", links: d
             info.linkname = target
             tar.addfile(info)
     return path
+
+
+def default_sigint() -> None:
+    """For a child that Ctrl-C must reach (``preexec_fn``): SIGINT handled as a terminal's
+    foreground job has it. A test run started as a background job (``make test &``) ignores
+    SIGINT, and an ignored signal stays ignored across exec, in dvc and in the stage too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_env() -> dict[str, str]:

@@ -30,7 +30,7 @@ from imgclf import checkpoint
 from imgclf.files import file_digest
 from imgclf.params import ModelParams, TrainParams
 
-from helpers import FAST_TRAIN, Project, copy_project, run_env
+from helpers import FAST_TRAIN, Project, copy_project, default_sigint, run_env
 
 EPOCHS = 8  # long enough to interrupt after the first checkpoint, mid-run
 OUTPUTS = ["models/trained.pt", "models/model.pt", "models/model_state.pt", "metrics/export.json"]
@@ -120,6 +120,7 @@ def ctrl_c_in_a_terminal(proj: Project, *dvc_args: str, when) -> tuple[int, str]
     if pid == 0:
         try:
             os.chdir(proj.path)
+            default_sigint()
             os.execve(sys.executable, [sys.executable, "-m", "dvc", *dvc_args], run_env())
         finally:
             os._exit(127)

@@ -14,7 +14,7 @@ import torch
 from imgclf.loading import load_state_dict_model, load_whole_model
 from imgclf.serving import OnnxClassifier, load_pt2
 
-from helpers import run_env
+from helpers import ROOT, default_sigint, run_env
 
 OUTPUTS = [
     "data/raw/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
@@ -161,6 +161,22 @@ def test_experiments_show_their_own_params_and_metrics(project):
         assert exps[name][1] == committed["test_acc"], name
     assert exps["lr-small"][1] != exps["lr-big"][1]
 
+    # tools/seed_summary.py: runs that differ only in train.seed form one row, mean ± std.
+    project.dvc("exp", "run", "-n", "lr-small-seed1", "-S", "train.lr=0.005", "-S", "train.seed=1")
+    show = project.path / "show.json"
+    show.write_text(project.dvc("exp", "show", "--json").stdout)
+    out = subprocess.run([sys.executable, str(ROOT / "tools/seed_summary.py"), "--json", str(show)],
+                         capture_output=True, text=True, check=True).stdout
+    revs = {rev["name"]: rev["rev"] for row in json.loads(show.read_text()) for exp in row.get("experiments") or []
+            for rev in exp["revs"]}
+    accs = [json.loads(project.git("show", f"{revs[name]}:metrics/eval.json").stdout)["test_acc"]
+            for name in ("lr-small", "lr-small-seed1")]
+    mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / 2 ** 0.5  # the sample std of two values
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines()[2:]}
+    assert set(rows) == {"train.lr=0.005", "train.lr=0.05"}, out
+    assert rows["train.lr=0.005"][1:4] == ["2", "0, 1", f"{mean:.2%} ± {std:.2%}"], out
+    assert rows["train.lr=0.05"][1:3] == ["1", "0"], out
+
     # DVC refuses `-S train.lrr=0.1` itself (no such key); `+train.lrr` adds it, and then
     # the params schema fails the experiment, naming the key.
     refused = project.dvc("exp", "run", "-S", "train.lrr=0.1", check=False)
@@ -216,7 +232,8 @@ def test_interrupted_training_resumes_to_the_same_result(project, tmp_path):
     # Interrupt like Ctrl-C as soon as the first checkpoint lands.
     ckpt = project.path / "checkpoints/train.pt"
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project.path, env=run_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
