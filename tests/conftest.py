@@ -16,7 +16,7 @@ import pytest
 from imgclf.cifar_writer import write_archive
 from imgclf.files import file_digest
 
-from helpers import CLASSES, FAST_TRAIN, Project, copy_project, make_split
+from helpers import CLASSES, FAST_EXPORT, FAST_TRAIN, Project, copy_project, make_split
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +58,10 @@ def http_server(http_root, cifar_archive) -> str:
 @pytest.fixture
 def project(tmp_path, http_server, cifar_archive) -> Project:
     """A copy of the project as a fresh git repo, downloading the tiny archive over HTTP and
-    training with FAST_TRAIN."""
+    training with FAST_TRAIN, exporting without the serving files (FAST_EXPORT)."""
     proj = Project(copy_project(tmp_path / "proj"))
     proj.set_params(download={"url": f"{http_server}/{cifar_archive.name}", "md5": file_digest(cifar_archive)},
-                    train=FAST_TRAIN)
+                    train=FAST_TRAIN, export=FAST_EXPORT)
     proj.git("init", "-q", "-b", "main")
     proj.git("add", "-A")
     proj.git("commit", "-q", "-m", "project copy")

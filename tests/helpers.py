@@ -27,6 +27,9 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "data/source/README.md", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 # Small, fast settings for the later stages so a whole `dvc repro` takes seconds.
 FAST_TRAIN = {"epochs": 2, "batch_size": 50, "lr": 0.02, "threads": 1, "device": "cpu", "precision": "fp32"}
+# The serving files cost about 13 s per export: on only in the tests that read them.
+FAST_EXPORT = {"onnx": False, "pt2": False}
+SERVING = {"onnx": True, "pt2": True}
 
 
 def make_split(n: int, seed: int, num_classes: int = 10, size: int = 32) -> Split:

@@ -99,7 +99,7 @@ def test_a_format_turned_off_is_not_written_and_dvc_is_content(project):
     """models/serving is one declared folder: a format turned off is simply absent from it,
     where a declared file that is not written would fail `dvc repro`."""
     serving_dir = project.path / "models/serving"
-    project.set_params(export={"onnx": False})
+    project.set_params(export={"onnx": False, "pt2": True})
     project.dvc("repro")
     assert sorted(p.name for p in serving_dir.iterdir()) == ["model.pt2"]
     report = json.loads((project.path / "metrics/export.json").read_text())

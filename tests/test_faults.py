@@ -30,7 +30,7 @@ from imgclf import checkpoint
 from imgclf.files import file_digest
 from imgclf.params import ModelParams, TrainParams
 
-from helpers import FAST_TRAIN, Project, copy_project, default_sigint, run_env
+from helpers import FAST_EXPORT, FAST_TRAIN, Project, copy_project, default_sigint, run_env
 
 EPOCHS = 8  # long enough to interrupt after the first checkpoint, mid-run
 OUTPUTS = ["models/trained.pt", "models/model.pt", "models/model_state.pt", "metrics/export.json"]
@@ -41,7 +41,7 @@ def trained(tmp_path_factory, cifar_archive) -> Project:
     """A project after one uninterrupted `dvc repro`, committed: the reference run."""
     proj = Project(copy_project(tmp_path_factory.mktemp("faults") / "proj"))
     proj.set_params(download={"url": str(cifar_archive), "md5": file_digest(cifar_archive)},
-                    train=FAST_TRAIN | {"epochs": EPOCHS})
+                    train=FAST_TRAIN | {"epochs": EPOCHS}, export=FAST_EXPORT)
     proj.git("init", "-q", "-b", "main")
     proj.dvc("repro")
     proj.git("add", "-A")
@@ -339,10 +339,10 @@ def stop_queue_workers(proj: Project) -> None:
 
 def test_two_queued_experiments_run_at_once_and_both_show_their_metrics(trained, tmp_path):
     proj = clone(trained, tmp_path)
-    # Test-time augmentation: each experiment reruns params, export and evaluate only (without
-    # the serving files), so the case stays short.
+    # Test-time augmentation: each experiment reruns params, export and evaluate only, so the
+    # case stays short.
     for setting in ("export.tta_flip=true", "export.tta_shift=1"):
-        proj.dvc("exp", "run", "--queue", "-S", setting, "-S", "export.onnx=false", "-S", "export.pt2=false")
+        proj.dvc("exp", "run", "--queue", "-S", setting)
     try:
         started = proj.dvc("queue", "start", "-j", "2")
         assert "Started '2' new experiments task queue workers" in started.stdout + started.stderr

@@ -131,7 +131,7 @@ def test_with_test_time_augmentation_predict_and_serving_see_what_evaluate_sees(
     from imgclf.predict import predict_files
 
     proj = own_project
-    proj.set_params(export={"tta_flip": True, "tta_shift": 2})
+    proj.set_params(export={"tta_flip": True, "tta_shift": 2, "onnx": True})
     proj.dvc("repro")
     ev = json.loads((proj.path / "metrics/eval.json").read_text())
     assert (ev["tta_flip"], ev["tta_shift"]) == (True, 2)

@@ -14,7 +14,7 @@ import torch
 from imgclf.loading import load_state_dict_model, load_whole_model
 from imgclf.serving import OnnxClassifier, load_pt2
 
-from helpers import ROOT, default_sigint, run_env
+from helpers import ROOT, SERVING, default_sigint, run_env
 
 OUTPUTS = [
     "data/raw/cifar-10-python.tar.gz", "data/processed/train.pt", "data/processed/test.pt",
@@ -26,6 +26,7 @@ OUTPUTS = [
 
 
 def test_full_repro_writes_every_declared_output(project):
+    project.set_params(export=SERVING)  # as params.yaml has it
     proc = project.dvc("repro")
     assert project.ran_stages(proc) == ["params", "download", "preprocess", "train", "export", "evaluate"]
     for rel in OUTPUTS:
@@ -107,6 +108,7 @@ def test_editing_one_stages_code_reruns_only_that_stage(project):
 
 
 def test_exports_give_identical_logits(project):
+    project.set_params(export=SERVING)
     project.dvc("repro")
     images = torch.load(project.path / "data/processed/test.pt", weights_only=True)["images"][:16]
     state_model, bundle = load_state_dict_model(project.path / "models/model_state.pt")
