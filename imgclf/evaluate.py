@@ -16,7 +16,7 @@ from .dataset import load_cache
 from .files import atomic_path, write_json
 from .params import EvaluateParams
 from .runtime import predict_logits, resolve_device
-from .tta import views
+from .tta import OFF, views
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: EvaluateParams,
              metrics_out: str | os.PathLike, predictions_out: str | os.PathLike) -> dict[str, Any]:
     model, bundle = load_state_dict_model(model_path)
-    tta = bundle.get("tta") or {"flip": False, "shift": 0}
+    tta = bundle.get("tta") or OFF
     device = resolve_device("auto")
     model.to(device)
     test = load_cache(cache_dir, splits=("test",)).test

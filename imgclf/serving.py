@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .files import PipelineError
+from .tta import OFF
 
 FORMATS = ("onnx", "pt2")  # export.onnx / export.pt2 switch each on or off
 FILE_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2"}
@@ -41,7 +42,7 @@ _BUNDLE_KEYS = ("arch", "arch_args", "classes", "mean", "std", "image_size")
 def metadata(bundle: dict[str, Any]) -> dict[str, Any]:
     """What travels in a serving file, taken from the state_dict bundle."""
     meta = {"format": FORMAT, "version": VERSION, **{k: bundle[k] for k in _BUNDLE_KEYS}}
-    meta["tta"] = bundle.get("tta") or {"flip": False, "shift": 0}  # the views the graph averages inside
+    meta["tta"] = bundle.get("tta") or OFF  # the views the graph averages inside
     meta["input"] = INPUT_DOC
     return meta
 

@@ -227,10 +227,8 @@ def test_without_validation_all_images_train_and_the_compute_is_counted(cache_di
     assert metrics["tflop_per_s"] > 0
 
 
-def test_a_validation_split_that_leaves_nothing_is_refused(tmp_path, cifar_archive):
+def test_a_validation_split_that_leaves_nothing_is_refused(cache_dir, tmp_path):
     from imgclf.files import PipelineError
 
-    tiny = tmp_path / "processed"
-    preprocess(cifar_archive, tiny, PreprocessParams())
     with pytest.raises(PipelineError, match=r"train.val_fraction = 0.01 of 200 training images leaves 200 to train on and 0"):
-        run(tiny, tmp_path / "run", val_fraction=0.01)
+        run(cache_dir, tmp_path / "run", val_fraction=0.01)
