@@ -173,8 +173,20 @@ class Classifier(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
+    def fit_to_data(self, images: torch.Tensor) -> None:
+        """Initialise the layers that are set from training images (uint8, N x 3 x H x W),
+        before the first step: the whitening layer of ``whitened_net``; others have none."""
+        from .whitened import fit_to_data
+
+        fit_to_data(self.net, images.to(self.scale.device), self.normalize)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
+
+
+from .whitened import whitened_net  # noqa: E402 (it builds on _Scale, above)
+
+architecture(whitened_net)
 
 
 def arch_args(model_params: Any, *, num_classes: int, image_size: int) -> dict[str, Any]:

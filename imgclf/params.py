@@ -83,12 +83,21 @@ class PreprocessParams(_Section):
 class ModelParams(_Section):
     arch: str = "seed_cnn_bn"  # a name in imgclf.models.ARCHS (checked by the train stage)
     pretrained: bool = False  # vgg16 only: ImageNet weights (needs a download)
-    width: int = Field(64, ge=8, le=1024)  # resnet_fast only: channels of the first block
+    width: int = Field(64, ge=8, le=1024)  # resnet_fast, whitened_net: channels of the first block
 
 
 class AugmentParams(_Section):
     crop_padding: int = Field(4, ge=0, le=64)  # pixels of reflect padding before a random crop; < image size
-    flip: bool = True  # random horizontal flip
+    # true: mirror a random half each epoch; 'alternate': a fixed random half in even epochs and
+    # the other half in odd ones (every image seen both ways every two epochs); false: never.
+    flip: bool | Literal["alternate"] = True
+
+    @field_validator("flip", mode="before")
+    @classmethod
+    def _flip(cls, v: Any) -> Any:
+        if v is True or v is False or v == "alternate":
+            return v
+        raise ValueError("must be true, false or alternate")
 
 
 class TrainParams(_Section):
@@ -98,7 +107,13 @@ class TrainParams(_Section):
     lr: float = Field(0.05, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     nesterov: bool = True  # sgd only
-    weight_decay: float = Field(5e-4, ge=0, le=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)  # not on biases and norm parameters
+    # Learning rate of the biases and norm parameters, as a multiple of lr (the speed records
+    # train batch norm's biases 64x faster than the weights while its scales stay frozen).
+    bias_lr_scale: float = Field(1.0, gt=0, le=1000)
+    # Lookahead: every 5 steps the weights are pulled back towards an average of their past
+    # values, more strongly as training ends; the run ends on the average (imgclf/lookahead.py).
+    lookahead: bool = False
     schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
     warmup_epochs: float = Field(1.0, ge=0, le=10_000)  # cosine/linear only
     label_smoothing: float = Field(0.0, ge=0, lt=1)

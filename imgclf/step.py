@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import models
 from .files import PipelineError
+from .lookahead import Lookahead
 from .params import ModelParams, TrainParams
 from .runtime import autocast
 from .transforms import Augmenter
@@ -25,11 +26,13 @@ from .transforms import Augmenter
 
 def make_optimizer(model: nn.Module, t: TrainParams) -> torch.optim.Optimizer:
     # No weight decay on norm layers' scales and on biases: decaying them only fights BN.
+    # They learn at train.bias_lr_scale x the rate of the weights (LambdaLR scales each group's own).
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0, "lr": t.lr * t.bias_lr_scale}]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
     # Adam's weight_decay is L2 added to the gradient; AdamW's is decoupled (Loshchilov & Hutter).
@@ -67,6 +70,7 @@ class TrainStep:
     criterion: nn.Module
     device: torch.device
     amp: torch.dtype | None
+    lookahead: Lookahead | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's loss (detached) and its number of correct predictions, on the device."""
@@ -78,17 +82,22 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.scheduler.last_epoch)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue this step exactly."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(),
+                "lookahead": None if self.lookahead is None else self.lookahead.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
 
 
 def make_step(model: nn.Module, t: TrainParams, device: torch.device, amp: torch.dtype | None,
@@ -100,7 +109,8 @@ def make_step(model: nn.Module, t: TrainParams, device: torch.device, amp: torch
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    return TrainStep(model, optimizer, scheduler, scaler, criterion, device, amp)
+    lookahead = Lookahead(model, total_steps) if t.lookahead else None
+    return TrainStep(model, optimizer, scheduler, scaler, criterion, device, amp, lookahead)
 
 
 @dataclass
@@ -115,25 +125,29 @@ class Trainee:
 
 def build_trainee(model_params: ModelParams, t: TrainParams, *, num_classes: int, image_size: int,
                   mean: list[float], std: list[float], device: torch.device, amp: torch.dtype | None,
-                  steps_per_epoch: int) -> Trainee:
-    """The model of ``model_params`` (seeded by ``train.seed``) on ``device`` in the memory
-    format of ``train.channels_last``, with the step of ``t`` for ``train.epochs`` epochs."""
+                  steps_per_epoch: int, init_images: torch.Tensor | None = None) -> Trainee:
+    """The model of ``model_params`` (seeded by ``train.seed``; its data-set layers, if any,
+    fitted to ``init_images``) on ``device`` in the memory format of ``train.channels_last``,
+    with the step of ``t`` for ``train.epochs`` epochs."""
     torch.manual_seed(t.seed)
     args = models.arch_args(model_params, num_classes=num_classes, image_size=image_size)
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = models.build(model_params.arch, args, mean, std).to(device, memory_format=fmt)
+    if init_images is not None:
+        model.fit_to_data(init_images)
     step = make_step(model, t, device, amp, steps_per_epoch * t.epochs, steps_per_epoch)
     return Trainee(model, args, step, fmt)
 
 
 def epoch_batches(augmenter: Augmenter, y_train: torch.Tensor, *, batch: int, steps: int,
                   generator: torch.Generator, memory_format: torch.memory_format,
-                  offset: int = 0, share: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch's batches: the epoch permuted and augmented in one batched pass on the
+                  offset: int = 0, share: int | None = None, epoch: int = 0,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Epoch ``epoch``'s batches: the epoch permuted and augmented in one batched pass on the
     device, then sliced. ``offset`` and ``share`` pick one process's part of each batch."""
     share = batch if share is None else share
     perm = torch.randperm(len(y_train), generator=generator, device=y_train.device)[: steps * batch]
-    xs = augmenter(perm, generator)
+    xs = augmenter(perm, generator, epoch)
     ys = y_train[perm]
     for i in range(steps):
         lo = i * batch + offset

@@ -90,7 +90,7 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     start_epoch, history = resume(run, paths.checkpoint)
     x_train = run.cache.train.images.to(run.device)
     y_train = run.cache.train.labels.to(run.device)
-    augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip)
+    augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip, seed=t.seed)
     epoch_log = EpochLog(paths.curve_out, paths.log_dir, paths.live_dir, history) if run.dist.is_main else None
     if epoch_log is not None and epoch_log.tensorboard is not None:
         _log_start(epoch_log.tensorboard, run, augmenter)  # before the wrap: the graph of the plain model
@@ -144,7 +144,8 @@ def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     random.seed(t.seed)
     np.random.seed(t.seed % 2**32)
     trainee = build_trainee(model_params, t, num_classes=len(cache.classes), image_size=cache.image_size,
-                            mean=cache.mean, std=cache.std, device=device, amp=amp, steps_per_epoch=n // batch)
+                            mean=cache.mean, std=cache.std, device=device, amp=amp, steps_per_epoch=n // batch,
+                            init_images=cache.train.images[:5000])
     flops = train_flops_per_image(model_params, num_classes=len(cache.classes), image_size=cache.image_size)
     return Run(model_params, t, dist, device, amp, threads, cache, val, batch, n // batch, trainee, fingerprint, flops)
 
@@ -206,7 +207,8 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
     gen = torch.Generator(run.device).manual_seed(t.seed * 100_003 + epoch)
     trainee.model.train()
     batches = epoch_batches(augmenter, y_train, batch=run.batch, steps=run.steps_per_epoch, generator=gen,
-                            memory_format=trainee.memory_format, offset=dist.rank * run.share, share=run.share)
+                            memory_format=trainee.memory_format, offset=dist.rank * run.share, share=run.share,
+                            epoch=epoch)
     losses, correct = run_steps(trainee.step, batches, run.steps_per_epoch, epoch=epoch, reduce=dist.mean,
                                 desc=f"epoch {epoch + 1}/{t.epochs}" if dist.is_main else None)
     epoch_losses, epoch_correct = dist.mean(losses), dist.sum(correct)

@@ -174,8 +174,8 @@ def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
 @pytest.mark.parametrize("text,message", [
     ("train:\n  epochs: true\n", "train.epochs = True: must be a whole number"),
     ("train:\n  epochs: '3'\n", "train.epochs = '3': must be a whole number"),
-    ("train:\n  augment:\n    flip: 'off'\n", "train.augment.flip = 'off': must be true or false"),
-    ("train:\n  augment:\n    flip: off\n", "train.augment.flip = 'off': must be true or false"),  # YAML 1.2, as DVC
+    ("train:\n  augment:\n    flip: 'off'\n", "train.augment.flip = 'off': must be true, false or alternate"),
+    ("train:\n  augment:\n    flip: off\n", "train.augment.flip = 'off': must be true, false or alternate"),  # YAML 1.2, as DVC
     ("train:\n  warmup_epochs: .inf\n", "train.warmup_epochs = inf: must be a finite number"),
     ("train:\n  lr: .nan\n", "train.lr = nan: must be a finite number"),
     ("export:\n  tta_flip: 1\n", "export.tta_flip = 1: must be true or false"),

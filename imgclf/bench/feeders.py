@@ -104,7 +104,7 @@ def pipeline_feeder(tr: Trainee, t: TrainParams, x_train: torch.Tensor, y_train:
     device, then slice batches. A timed repeat of k steps is an epoch of k batches, so the
     per-epoch augmentation is paid in proportion, as in a full epoch."""
     n, b = len(x_train), t.batch_size
-    augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip)
+    augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip, seed=t.seed)
 
     def run(steps: int) -> int:
         done = 0

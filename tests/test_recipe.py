@@ -1,0 +1,169 @@
+"""The speed recipe's parts (`make speedrun`, docs/recipes.md): the whitening layer, identity
+init, frozen batch-norm scales with fast biases, alternating flips, lookahead; and the whole
+recipe training, learning and resuming bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from imgclf import models
+from imgclf.lookahead import Lookahead
+from imgclf.params import AugmentParams, ModelParams, PreprocessParams, TrainParams, parse_params
+from imgclf.preprocess import preprocess
+from imgclf.step import make_optimizer
+from imgclf.train import TrainPaths, train
+from imgclf.transforms import Augmenter
+from imgclf.whitened import Whitening, fit_whitening
+
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def whitened(width: int = 8) -> models.Classifier:
+    args = models.arch_args(ModelParams(arch="whitened_net", width=width), num_classes=10, image_size=32)
+    return models.build("whitened_net", args, MEAN, STD)
+
+
+def test_the_whitening_layer_decorrelates_the_patches_it_was_fitted_on():
+    # Correlated channels and neighbours: smooth random images with a shared component.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 1, 16, 16, generator=g)
+    x = torch.cat([base, base + 0.3 * torch.randn(200, 1, 16, 16, generator=g), torch.randn(200, 1, 16, 16, generator=g)], 1)
+    x = nn.functional.avg_pool2d(x, 3, 1, 1)
+    layer = Whitening(3)
+    fit_whitening(layer, x, eps=0.0)
+    with torch.no_grad():
+        out = nn.functional.conv2d(x, layer.weight)  # the filters alone, no bias
+    first = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = first.T @ first / len(first)
+    torch.testing.assert_close(cov, torch.eye(12, dtype=torch.double), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[:, 12:], -out[:, :12])  # the second half is the negatives
+    raw = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    assert (raw.T @ raw / len(raw) - torch.eye(12, dtype=torch.double)).abs().max() > 0.5  # it was not white
+
+
+def test_training_fits_the_whitening_layer_to_the_training_images_and_freezes_it():
+    model = whitened()
+    before = model.net.whiten.weight.clone()
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    model.fit_to_data(images)
+    assert not torch.equal(model.net.whiten.weight, before)
+    assert not model.net.whiten.weight.requires_grad and model.net.whiten.bias.requires_grad
+    # The model without a whitening layer is left as it was.
+    plain = models.build("seed_cnn_bn", models.arch_args(ModelParams(), num_classes=10, image_size=32), MEAN, STD)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain.fit_to_data(images)
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+
+
+def test_convolutions_start_as_identities_and_batch_norm_trains_only_its_biases_faster():
+    model = whitened(width=8)
+    block = model.net.block2  # 8 -> 32 channels
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(nn.functional.conv2d(x, block.conv1.weight, padding=1)[:, :8], x)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    opt = make_optimizer(model, TrainParams(lr=0.5, weight_decay=0.01, bias_lr_scale=64))
+    weights, biases = opt.param_groups
+    assert (weights["lr"], weights["weight_decay"], biases["lr"], biases["weight_decay"]) == (0.5, 0.01, 32.0, 0.0)
+    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(m.weight) not in in_groups for m in norms)  # frozen scales are not optimised
+    assert id(model.net.whiten.bias) in in_groups and id(model.net.whiten.weight) not in in_groups
+
+
+def test_alternating_flips_show_every_image_both_ways_every_two_epochs():
+    images = torch.randint(0, 256, (400, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = Augmenter(images, crop_padding=0, flip="alternate", seed=3)
+    index = torch.randperm(400, generator=torch.Generator().manual_seed(1))
+
+    def flipped(epoch: int) -> torch.Tensor:
+        out = aug(index, torch.Generator().manual_seed(epoch), epoch)
+        mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images[index])])
+        same = torch.tensor([torch.equal(o, i) for o, i in zip(out, images[index])])
+        assert bool((mirrored | same).all())
+        return mirrored & ~same  # images symmetric under the flip count as neither
+
+    e0, e1, e2 = flipped(0), flipped(1), flipped(2)
+    assert 150 < int(e0.sum()) < 250 and not bool((e0 & e1).any()) and bool((e0 | e1).sum() >= 395)
+    assert torch.equal(e0, e2)
+    other_seed = Augmenter(images, crop_padding=0, flip="alternate", seed=4)
+    assert not torch.equal(other_seed(index, torch.Generator().manual_seed(0), 0), aug(index, torch.Generator().manual_seed(0), 0))
+
+
+@pytest.mark.parametrize("value,ok", [("alternate", True), (True, True), (False, True), ("random", False), (1, False)])
+def test_flip_takes_true_false_or_alternate(value, ok):
+    raw = {"train": {"augment": {"flip": value}}}
+    if ok:
+        assert parse_params(raw).train.augment.flip == value
+    else:
+        with pytest.raises(Exception, match=r"train.augment.flip = .*: must be true, false or alternate"):
+            parse_params(raw)
+
+
+def test_lookahead_pulls_back_harder_as_training_ends_and_ends_on_the_average():
+    net = nn.Linear(1, 1, bias=False).requires_grad_(False)
+    net.weight.fill_(0.0)
+    la = Lookahead(net, total_steps=12, every=5)
+    assert la.decay(0) == 0 and la.decay(12) == pytest.approx(0.95**5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    la.after_step(5)  # early: the average (0, the initial weight) nearly follows the weights
+    early = net.weight.item()
+    assert early == pytest.approx(1 - la.decay(5)) and la.average["weight"].item() == early
+    with torch.no_grad():
+        net.weight.fill_(10.0)
+    la.after_step(10)  # later: pulled back harder
+    d = la.decay(10)
+    assert net.weight.item() == pytest.approx(d * early + (1 - d) * 10.0)
+    with torch.no_grad():
+        net.weight.fill_(50.0)
+    la.after_step(11)  # not a lookahead step: untouched
+    assert net.weight.item() == 50.0
+    la.after_step(12)  # the last step: the weights become the average
+    assert net.weight.item() == float(la.average["weight"]) == pytest.approx(d * early + (1 - d) * 10.0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, cifar_archive) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "processed"
+    preprocess(cifar_archive, out, PreprocessParams())
+    return out
+
+
+RECIPE = dict(epochs=4, batch_size=50, lr=0.4, momentum=0.85, weight_decay=0.005, bias_lr_scale=64.0,
+              label_smoothing=0.2, lookahead=True, augment=AugmentParams(crop_padding=2, flip="alternate"),
+              threads=1, device="cpu", precision="fp32")
+
+
+def run(cache_dir: Path, out: Path) -> tuple[dict, dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = TrainPaths(cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None)
+    metrics = train(ModelParams(arch="whitened_net", width=8), TrainParams(**RECIPE), paths)
+    return metrics, torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_the_speed_recipe_learns_and_an_interrupted_run_resumes_bit_for_bit(cache_dir, tmp_path, monkeypatch):
+    whole, whole_state = run(cache_dir, tmp_path / "whole")
+    assert whole["val_acc"] > 0.4  # chance is 0.1
+    assert whole["gflop_per_image"] > 0 and whole["train_pflop"] > 0
+
+    import imgclf.train as train_module
+
+    real_epoch = train_module.one_epoch
+
+    def interrupted_in_epoch_3(run_, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(run_, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "one_epoch", interrupted_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cache_dir, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "ckpt.pt").exists()
+    monkeypatch.setattr(train_module, "one_epoch", real_epoch)
+    resumed, resumed_state = run(cache_dir, tmp_path / "resumed")
+    assert resumed["val_acc"] == whole["val_acc"] and resumed["train_loss"] == whole["train_loss"]
+    assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
