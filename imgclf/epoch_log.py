@@ -23,7 +23,9 @@ from pathlib import Path
 
 from .files import atomic_path, write_json
 
-CURVE_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds"]
+# pflop: the training compute spent by the end of the epoch (train.json's train_pflop at the
+# last), the x of the accuracy-per-compute plot: the PFLOP a recipe takes to reach an accuracy.
+CURVE_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds", "pflop"]
 LIVE_METRICS = [c for c in CURVE_COLUMNS if c != "epoch"]  # the epoch is DVCLive's step
 
 Row = dict[str, float | None]  # val_loss and val_acc are None without validation images
@@ -56,7 +58,7 @@ class EpochLog:
         if self.live is not None:
             self.live.step = epoch
             for k in LIVE_METRICS:
-                if row[k] is not None:
+                if row.get(k) is not None:
                     self.live.log_metric(k, row[k], plot=False)
             self.live.next_step()  # writes metrics.json with "step": epoch
 
@@ -72,7 +74,8 @@ def _write_curve(path: Path, rows: list[Row]) -> None:
         with open(tmp, "w") as f:
             f.write(",".join(CURVE_COLUMNS) + "\n")
             for r in rows:
-                f.write(",".join("" if r[c] is None else f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
+                # .get: a row from a checkpoint of an older version may lack a newer column
+                f.write(",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
 
 
 def _tensorboard(log_dir: Path):

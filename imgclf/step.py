@@ -126,7 +126,7 @@ class Trainee:
 def build_trainee(model_params: ModelParams, t: TrainParams, *, num_classes: int, image_size: int,
                   mean: list[float], std: list[float], device: torch.device, amp: torch.dtype | None,
                   steps_per_epoch: int, init_images: torch.Tensor | None = None) -> Trainee:
-    """The model of ``model_params`` (seeded by ``train.seed``; its data-set layers, if any,
+    """The model of ``model_params`` (seeded by ``train.seed``; its data-fitted layers, if any,
     fitted to ``init_images``) on ``device`` in the memory format of ``train.channels_last``,
     with the step of ``t`` for ``train.epochs`` epochs."""
     torch.manual_seed(t.seed)

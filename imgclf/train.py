@@ -230,6 +230,7 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
         "lr": trainee.step.optimizer.param_groups[0]["lr"],
         "images_per_s": run.images_per_epoch / seconds_train,
         "seconds": time.perf_counter() - t0,
+        "pflop": run.flops_per_image * run.images_per_epoch * (epoch + 1) / 1e15,
     }
     log.info(
         "epoch %d/%d  train loss %.4f acc %.4f%s  lr %.4g  %.0f img/s  %.1f s",

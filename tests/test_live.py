@@ -53,7 +53,7 @@ def test_a_running_experiment_shows_its_latest_metrics_and_step(project):
     latest = seen["watched"]
     assert 1 <= latest["step"] < EPOCHS  # the epoch it had reached, not the last one
     assert 0 <= latest["val_acc"] <= 1 and latest["train_loss"] > 0
-    assert set(latest) == {"step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds"}
+    assert set(latest) == {"step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds", "pflop"}
     assert not (project.path / "metrics/train.json").exists()  # the final metrics come only at the end
 
 

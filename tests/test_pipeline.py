@@ -52,12 +52,14 @@ def test_full_repro_writes_every_declared_output(project):
 
     # `dvc plots show` renders the curves and the confusion matrix, with named axes.
     plots = json.loads(project.dvc("plots", "show", "--json").stdout)["data"]
-    assert set(plots) == {"Loss", "Accuracy", "Confusion matrix"}
+    assert set(plots) == {"Loss", "Accuracy", "Accuracy per compute", "Confusion matrix"}
     confusion = json.dumps(plots["Confusion matrix"])
     assert '"actual": "airplane"' in confusion and '"predicted"' in confusion
     specs = {name: plot[0]["content"] for name, plot in plots.items()}
     assert axis_titles(specs["Loss"]) == {"x": {"epoch"}, "y": {"loss (cross-entropy)"}}
     assert axis_titles(specs["Accuracy"]) == {"x": {"epoch"}, "y": {"accuracy (fraction right)"}}
+    assert axis_titles(specs["Accuracy per compute"]) == {"x": {"training compute (PFLOP, forward + backward)"},
+                                                          "y": {"val accuracy (fraction right)"}}
     assert axis_titles(specs["Confusion matrix"]) == {"x": {"actual class"}, "y": {"predicted class"}}
     assert "test images" in specs["Confusion matrix"]["title"]["text"]
 

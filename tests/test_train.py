@@ -225,6 +225,10 @@ def test_without_validation_all_images_train_and_the_compute_is_counted(cache_di
     assert metrics["gflop_per_image"] == pytest.approx(0.0696069, rel=1e-5)
     assert metrics["train_pflop"] == pytest.approx(0.0696069e9 * 200 * 3 / 1e15, rel=1e-5)
     assert metrics["tflop_per_s"] > 0
+    # Each epoch's row has the compute spent so far: the x of the accuracy-per-compute plot.
+    assert header.split(",")[-1] == "pflop"
+    spent = [float(row.split(",")[-1]) for row in rows]
+    assert spent == pytest.approx([0.0696069e9 * 200 * e / 1e15 for e in (1, 2, 3)], rel=1e-5)
 
 
 def test_a_validation_split_that_leaves_nothing_is_refused(cache_dir, tmp_path):
