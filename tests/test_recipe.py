@@ -167,3 +167,31 @@ def test_the_speed_recipe_learns_and_an_interrupted_run_resumes_bit_for_bit(cach
     resumed, resumed_state = run(cache_dir, tmp_path / "resumed")
     assert resumed["val_acc"] == whole["val_acc"] and resumed["train_loss"] == whole["train_loss"]
     assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
+
+
+def test_make_speedrun_runs_the_recipe_as_a_dvc_experiment(project):
+    """The preset's own params (printed by `make -n speedrun`) through `dvc exp run`, with
+    only the epochs cut: every value parses as DVC writes it, trains, exports with its TTA."""
+    import json
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run(["make", "-s", "-n", "-C", str(root), "speedrun", "VAL=0.1"], capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[-1]
+    args = shlex.split(printed)
+    assert args[:3] == ["dvc", "exp", "run"] and "model.arch=whitened_net" in args
+    project.dvc(*args[1:], "-n", "speed", "-S", "train.epochs=2")
+    trained = json.loads((project.path / "metrics/train.json").read_text())
+    show = json.loads(project.dvc("exp", "show", "--json").stdout)
+    rev = next(r for row in show for e in row.get("experiments") or [] for r in e["revs"] if r["name"] == "speed")
+    p = rev["data"]["params"]["params.yaml"]["data"]
+    assert (p["model"]["arch"], p["train"]["augment"]["flip"], p["train"]["lookahead"], p["train"]["bias_lr_scale"]) \
+        == ("whitened_net", "alternate", True, 64)
+    assert (p["train"]["batch_size"], p["export"]["tta_flip"], p["export"]["tta_shift"]) == (1024, True, 1)
+    # 200 tiny images, 20 held out: one batch of all 180 per epoch, 0.708 GFLOP each.
+    assert trained["train_images"] == 180 and trained["gflop_per_image"] == pytest.approx(0.707777, rel=1e-5)
+    assert trained["train_pflop"] == pytest.approx(0.707777e9 * 180 * 2 / 1e15, rel=1e-5)
+    assert 0 <= rev["data"]["metrics"]["metrics/eval.json"]["data"]["test_acc"] <= 1
+    bundle = torch.load(project.path / "models/model_state.pt", weights_only=True)
+    assert bundle["arch"] == "whitened_net" and bundle["tta"] == {"flip": True, "shift": 1}
