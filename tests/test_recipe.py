@@ -195,3 +195,23 @@ def test_make_speedrun_runs_the_recipe_as_a_dvc_experiment(project):
     assert 0 <= rev["data"]["metrics"]["metrics/eval.json"]["data"]["test_acc"] <= 1
     bundle = torch.load(project.path / "models/model_state.pt", weights_only=True)
     assert bundle["arch"] == "whitened_net" and bundle["tta"] == {"flip": True, "shift": 1}
+
+
+def test_run_fp32_runs_a_peer_script_with_autocast_off(tmp_path):
+    """tools/run_fp32.py: the script runs as __main__ with its own argv, and its bf16
+    autocast blocks compute in fp32."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "peer.py"
+    script.write_text(
+        "import sys, torch\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    y = torch.ones(2, 2) @ torch.ones(2, 2)\n"
+        "print(__name__, sys.argv[1:], y.dtype)\n"
+    )
+    tool = Path(__file__).resolve().parents[1] / "tools/run_fp32.py"
+    plain = subprocess.run([sys.executable, str(script), "a"], capture_output=True, text=True, check=True).stdout
+    assert plain.split() == ["__main__", "['a']", "torch.bfloat16"]
+    fp32 = subprocess.run([sys.executable, str(tool), str(script), "a"], capture_output=True, text=True, check=True).stdout
+    assert fp32.split() == ["__main__", "['a']", "torch.float32"]
