@@ -58,7 +58,7 @@ class EpochLog:
         if self.live is not None:
             self.live.step = epoch
             for k in LIVE_METRICS:
-                if row.get(k) is not None:
+                if row[k] is not None:
                     self.live.log_metric(k, row[k], plot=False)
             self.live.next_step()  # writes metrics.json with "step": epoch
 
@@ -74,8 +74,7 @@ def _write_curve(path: Path, rows: list[Row]) -> None:
         with open(tmp, "w") as f:
             f.write(",".join(CURVE_COLUMNS) + "\n")
             for r in rows:
-                # .get: a row from a checkpoint of an older version may lack a newer column
-                f.write(",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
+                f.write(",".join("" if r[c] is None else f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
 
 
 def _tensorboard(log_dir: Path):

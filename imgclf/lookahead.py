@@ -30,12 +30,16 @@ class Lookahead:
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Call after optimiser step number ``step`` (1-based) of ``total_steps``."""
-        if step % self.every == 0 or step == self.total:
-            weight = 1.0 - (self.decay(step) if step % self.every == 0 else 1.0)
-            for name, value in self._floats().items():
-                avg = self.average[name]
-                avg.lerp_(value, weight)
-                value.copy_(avg)
+        if step % self.every == 0:
+            weight = 1.0 - self.decay(step)
+        elif step == self.total:
+            weight = 0.0  # the last step: the weights become the average
+        else:
+            return
+        for name, value in self._floats().items():
+            avg = self.average[name]
+            avg.lerp_(value, weight)
+            value.copy_(avg)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.cpu() for k, v in self.average.items()}

@@ -178,7 +178,7 @@ class Classifier(nn.Module):
         before the first step: the whitening layer of ``whitened_net``; others have none."""
         from .whitened import fit_to_data
 
-        fit_to_data(self.net, images.to(self.scale.device), self.normalize)
+        fit_to_data(self.net, images, self.normalize, self.scale.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))

@@ -145,7 +145,7 @@ def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
     np.random.seed(t.seed % 2**32)
     trainee = build_trainee(model_params, t, num_classes=len(cache.classes), image_size=cache.image_size,
                             mean=cache.mean, std=cache.std, device=device, amp=amp, steps_per_epoch=n // batch,
-                            init_images=cache.train.images[:5000])
+                            init_images=cache.train.images)
     flops = train_flops_per_image(model_params, num_classes=len(cache.classes), image_size=cache.image_size)
     return Run(model_params, t, dist, device, amp, threads, cache, val, batch, n // batch, trainee, fingerprint, flops)
 

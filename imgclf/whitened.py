@@ -33,6 +33,7 @@ WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4  # added to the eigenvalues: bounds the gain of the flattest directions
 BN_MOMENTUM = 0.4  # PyTorch's convention: the weight of the newest batch in the running stats
 BN_EPS = 1e-12
+FIT_IMAGES = 5000  # training images the whitening layer is fitted to: enough for a 12 x 12 covariance
 
 
 class Whitening(nn.Conv2d):
@@ -108,13 +109,13 @@ def whitened_net(num_classes: int = 10, image_size: int = 32, width: int = 64) -
     )
 
 
-def fit_to_data(model: nn.Module, images: torch.Tensor, normalize) -> bool:
-    """Fit every whitening layer of ``model`` to ``normalize(images)`` (uint8 images, the
-    first 5,000 are enough); False if it has none."""
+def fit_to_data(model: nn.Module, images: torch.Tensor, normalize, device: torch.device) -> bool:
+    """Fit every whitening layer of ``model`` to the first ``FIT_IMAGES`` of ``images`` (uint8,
+    N x 3 x H x W), normalised on ``device``; False if it has none."""
     layers = [m for m in model.modules() if isinstance(m, Whitening)]
     if not layers:
         return False
-    x = normalize(images[:5000].float())
+    x = normalize(images[:FIT_IMAGES].to(device).float())  # only these go to the device
     for layer in layers:
         fit_whitening(layer, x)
     return True
