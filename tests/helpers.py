@@ -32,12 +32,12 @@ FAST_EXPORT = {"onnx": False, "pt2": False}
 SERVING = {"onnx": True, "pt2": True}
 
 
-def make_split(n: int, seed: int, num_classes: int = 10, size: int = 32) -> Split:
+def make_split(n: int, seed: int, num_classes: int = 10, size: int = 32, noise: float = 20) -> Split:
     """Learnable tiny images: each class has its own colour (the same in every split), plus noise."""
     base = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234)) * 200 + 20
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
-    noise = torch.randn(n, 3, size, size, generator=g) * 20
+    noise = torch.randn(n, 3, size, size, generator=g) * noise
     images = (base[labels] + noise).clamp(0, 255).to(torch.uint8)
     return Split(images=images, labels=labels)
 

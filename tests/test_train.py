@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from imgclf.cifar_writer import write_archive
 from imgclf.params import ModelParams, PreprocessParams, TrainParams
 from imgclf.preprocess import preprocess
 from imgclf.runtime import cpu_supports_bf16
 from imgclf.train import TrainPaths, train
+
+from helpers import CLASSES, make_split
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +44,64 @@ def test_same_params_and_seed_give_identical_results(cache_dir, tmp_path):
     assert m3["train_loss"] != m1["train_loss"]  # the seed matters
 
 
-@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bf16 kernels")
-def test_bf16_channels_last_learns_as_well_as_fp32(cache_dir, tmp_path):
-    fp32, _ = run(cache_dir, tmp_path / "fp32", channels_last=False)
-    bf16, state = run(cache_dir, tmp_path / "bf16", precision="bf16", channels_last=True)
-    assert bf16["val_acc"] >= fp32["val_acc"] - 0.1
-    assert bf16["val_acc"] > 0.5
+@pytest.fixture(scope="module")
+def noisy_cache_dir(tmp_path_factory) -> Path:
+    """2,000 training images whose class colours are buried in heavy noise, so that a 3-epoch
+    run lands well below 100% and a difference in learning shows; half of them are held out."""
+    d = tmp_path_factory.mktemp("noisy")
+    write_archive(d / "cifar-10-python.tar.gz", make_split(2000, 0, noise=400), make_split(50, 1, noise=400), CLASSES)
+    preprocess(d / "cifar-10-python.tar.gz", d / "processed", PreprocessParams())
+    return d / "processed"
+
+
+# bf16 vs fp32, each seed 0-4, 3 epochs, measured on a CPU with AMX (2-core Xeon): fp32 val_acc
+# 0.853-0.892 over the seeds, bf16 minus fp32 from -0.011 to +0.007 (1,000 held-out images, so one
+# image is 0.001), val_loss from -0.015 to +0.002. The margins sit about 3x beyond the widest.
+BF16_ACC_MARGIN = 0.03
+BF16_LOSS_MARGIN = 0.05
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="needs a CPU with bf16 kernels (AVX512-BF16 or AMX); this one has neither")
+def test_bf16_channels_last_learns_as_well_as_fp32(noisy_cache_dir, tmp_path):
+    kw = {"val_fraction": 0.5}
+    fp32, _ = run(noisy_cache_dir, tmp_path / "fp32", channels_last=False, **kw)
+    bf16, state = run(noisy_cache_dir, tmp_path / "bf16", precision="bf16", channels_last=True, **kw)
+    assert fp32["val_images"] == bf16["val_images"] == 1000
+    assert 0.6 < fp32["val_acc"] < 0.98  # the task discriminates: neither at chance nor saturated
+    assert bf16["val_acc"] >= fp32["val_acc"] - BF16_ACC_MARGIN
+    assert bf16["val_loss"] <= fp32["val_loss"] + BF16_LOSS_MARGIN
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # weights stay fp32
 
 
+@pytest.fixture(scope="module")
+def learn_cache_dir(tmp_path_factory) -> Path:
+    """500 training images, for the tests that judge learning by val_acc: with val_fraction 0.2
+    100 are held out, so one image is 0.01 (on the 20 of `cache_dir` it would be 0.05)."""
+    d = tmp_path_factory.mktemp("learn")
+    write_archive(d / "cifar-10-python.tar.gz", make_split(500, 0), make_split(50, 1), CLASSES)
+    preprocess(d / "cifar-10-python.tar.gz", d / "processed", PreprocessParams())
+    return d / "processed"
+
+
+# Learning, judged on 100 held-out images (chance 0.1). Seeds 0-5 of each case below, on a
+# 2-core Xeon: 0.70 to 1.00, the lowest of each case 0.70 (resnet_fast), 0.72 (sgd, constant),
+# 0.80 (adam, adamw), 1.00 (seed_cnn). The bar sits 20 images below the lowest.
+LEARNS = 0.5
+
+
 @pytest.mark.parametrize("arch,epochs,lr", [("seed_cnn", 2, 0.01), ("resnet_fast", 3, 0.05)])
-def test_other_architectures_train(cache_dir, tmp_path, arch, epochs, lr):
-    metrics, _ = run(cache_dir, tmp_path, ModelParams(arch=arch, width=8), epochs=epochs, lr=lr)
-    # Chance is 0.1; seeds 0-2 reached 0.6-0.8 here, for both.
-    assert metrics["val_acc"] > 0.4 and metrics["epochs"] == epochs
+def test_other_architectures_train(learn_cache_dir, tmp_path, arch, epochs, lr):
+    metrics, _ = run(learn_cache_dir, tmp_path, ModelParams(arch=arch, width=8), epochs=epochs, lr=lr, val_fraction=0.2)
+    assert metrics["val_images"] == 100
+    assert metrics["val_acc"] > LEARNS and metrics["epochs"] == epochs
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adam", "cosine"), ("adamw", "linear"), ("sgd", "constant")])
-def test_optimizers_and_schedules_learn(cache_dir, tmp_path, optimizer, schedule):
+def test_optimizers_and_schedules_learn(learn_cache_dir, tmp_path, optimizer, schedule):
     lr = 0.05 if optimizer == "sgd" else 0.003
-    metrics, _ = run(cache_dir, tmp_path, optimizer=optimizer, schedule=schedule, lr=lr, label_smoothing=0.1)
-    assert metrics["val_acc"] > 0.3
+    metrics, _ = run(learn_cache_dir, tmp_path, optimizer=optimizer, schedule=schedule, lr=lr, label_smoothing=0.1,
+                     val_fraction=0.2)
+    assert metrics["val_acc"] > LEARNS
 
 
 def test_torch_compile_path_runs_on_cpu(cache_dir, tmp_path):
