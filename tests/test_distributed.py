@@ -44,9 +44,10 @@ TWO_NODES = {"nodes": 2, "processes": 1, "dist_timeout": 30, "rdzv_endpoint": "1
 LOSS_RTOL = 1e-2
 WEIGHT_ATOL = 2e-3  # parameters
 BUFFER_ATOL = 2e-2  # batch-norm running statistics
-# val_acc is on the 20 held-out images (train.val_fraction 0.1 of 200); one on the decision
-# boundary may flip either way.
-ACC_ATOL = 0.05 + 1e-9
+# val_acc is on the 20 held-out images (train.val_fraction 0.1 of 200), so one image on the
+# decision boundary that flips is 0.05: allow two. The held-out loss, which moves continuously
+# with the weights, is held to the training loss's tolerance.
+ACC_ATOL = 0.1 + 1e-9
 
 
 def free_port() -> int:
@@ -130,6 +131,7 @@ def assert_same_optimisation(node: Project, single: tuple[dict, dict]) -> None:
     metrics = json.loads((node.path / "metrics/train.json").read_text())
     state = torch.load(node.path / "models/trained.pt", weights_only=True)["state_dict"]
     assert metrics["train_loss"] == pytest.approx(single[0]["train_loss"], rel=LOSS_RTOL)
+    assert metrics["val_loss"] == pytest.approx(single[0]["val_loss"], rel=LOSS_RTOL)
     assert metrics["val_acc"] == pytest.approx(single[0]["val_acc"], abs=ACC_ATOL)
     for k, w in single[1].items():
         atol = BUFFER_ATOL if "running" in k else WEIGHT_ATOL

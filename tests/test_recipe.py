@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from imgclf import models
+from imgclf.cifar_writer import write_archive
 from imgclf.lookahead import Lookahead
 from imgclf.params import AugmentParams, ModelParams, PreprocessParams, TrainParams, parse_params
 from imgclf.preprocess import preprocess
@@ -18,6 +19,8 @@ from imgclf.step import make_optimizer
 from imgclf.train import TrainPaths, train
 from imgclf.transforms import Augmenter
 from imgclf.whitened import Whitening, fit_whitening
+
+from helpers import CLASSES, make_split
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -127,15 +130,21 @@ def test_lookahead_pulls_back_harder_as_training_ends_and_ends_on_the_average():
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, cifar_archive) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "processed"
-    preprocess(cifar_archive, out, PreprocessParams())
-    return out
+def cache_dir(tmp_path_factory) -> Path:
+    """500 training images; with val_fraction 0.2, 100 are held out (one image is 0.01)."""
+    d = tmp_path_factory.mktemp("cache")
+    write_archive(d / "cifar-10-python.tar.gz", make_split(500, 0), make_split(50, 1), CLASSES)
+    preprocess(d / "cifar-10-python.tar.gz", d / "processed", PreprocessParams())
+    return d / "processed"
 
 
-RECIPE = dict(epochs=4, batch_size=50, lr=0.4, momentum=0.85, weight_decay=0.005, bias_lr_scale=64.0,
+# The recipe's parts at a learning rate this tiny task trains stably with: at airbench's scale
+# (lr 0.4 here) seeds 0-11 ranged from 0.14 to 0.86 on these 100 held-out images; at 0.2 from
+# 0.67 to 0.84 (2-core Xeon, fp32). The bar sits 17 images below the lowest.
+RECIPE = dict(epochs=4, batch_size=50, lr=0.2, momentum=0.85, weight_decay=0.005, bias_lr_scale=64.0,
               label_smoothing=0.2, lookahead=True, augment=AugmentParams(crop_padding=2, flip="alternate"),
-              threads=1, device="cpu", precision="fp32")
+              threads=1, device="cpu", precision="fp32", val_fraction=0.2)
+LEARNS = 0.5
 
 
 def run(cache_dir: Path, out: Path) -> tuple[dict, dict]:
@@ -147,7 +156,7 @@ def run(cache_dir: Path, out: Path) -> tuple[dict, dict]:
 
 def test_the_speed_recipe_learns_and_an_interrupted_run_resumes_bit_for_bit(cache_dir, tmp_path, monkeypatch):
     whole, whole_state = run(cache_dir, tmp_path / "whole")
-    assert whole["val_acc"] > 0.4  # chance is 0.1
+    assert whole["val_images"] == 100 and whole["val_acc"] > LEARNS  # chance is 0.1
     assert whole["gflop_per_image"] > 0 and whole["train_pflop"] > 0
 
     import imgclf.train as train_module
