@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from imgclf.cifar_writer import write_archive
-from imgclf.files import file_digest
 
-from helpers import CLASSES, FAST_EXPORT, FAST_TRAIN, Project, copy_project, make_split
+from helpers import CLASSES, Project, make_split, new_project
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +58,21 @@ def http_server(http_root, cifar_archive) -> str:
 def project(tmp_path, http_server, cifar_archive) -> Project:
     """A copy of the project as a fresh git repo, downloading the tiny archive over HTTP and
     training with FAST_TRAIN, exporting without the serving files (FAST_EXPORT)."""
-    proj = Project(copy_project(tmp_path / "proj"))
-    proj.set_params(download={"url": f"{http_server}/{cifar_archive.name}", "md5": file_digest(cifar_archive)},
-                    train=FAST_TRAIN, export=FAST_EXPORT)
-    proj.git("init", "-q", "-b", "main")
+    return new_project(tmp_path / "proj", http_server, cifar_archive)
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory, http_server, cifar_archive) -> Path:
+    """The `project` fixture's project after one `dvc repro`, committed: built once a session."""
+    proj = new_project(tmp_path_factory.mktemp("reproduced") / "proj", http_server, cifar_archive)
+    proj.dvc("repro")
     proj.git("add", "-A")
-    proj.git("commit", "-q", "-m", "project copy")
-    return proj
+    proj.git("commit", "-q", "-m", "reproduced")
+    return proj.path
+
+
+@pytest.fixture
+def reproduced(reproduced_template, tmp_path) -> Project:
+    """Like `project`, after `dvc repro`: a copy of its workspace, git history and DVC cache, so
+    a test that starts from an up-to-date pipeline does not train its own. Nothing is out of date."""
+    return Project(shutil.copytree(reproduced_template, tmp_path / "proj", symlinks=True))

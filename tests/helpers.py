@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from imgclf.dataset import Split
-from imgclf.files import atomic_path
+from imgclf.files import atomic_path, file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -133,6 +133,18 @@ def copy_project(dst: Path) -> Path:
         else:
             shutil.copy(src, target)
     return dst
+
+
+def new_project(path: Path, http_server: str, cifar_archive: Path) -> Project:
+    """A copy of the project at ``path``, a git repo with one commit, downloading ``cifar_archive``
+    from ``http_server``, training with FAST_TRAIN and exporting with FAST_EXPORT."""
+    proj = Project(copy_project(path))
+    proj.set_params(download={"url": f"{http_server}/{cifar_archive.name}", "md5": file_digest(cifar_archive)},
+                    train=FAST_TRAIN, export=FAST_EXPORT)
+    proj.git("init", "-q", "-b", "main")
+    proj.git("add", "-A")
+    proj.git("commit", "-q", "-m", "project copy")
+    return proj
 
 
 def save_state_bundle(bundle: dict, path: str | os.PathLike) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from imgclf.files import file_digest
 
-from helpers import run_env
+from helpers import Project, new_project, run_env
 
 # A class folder's name may hold a comma and a quote: metrics/predictions.csv must quote it.
 RED = 'red, "big"'
@@ -41,8 +41,7 @@ def write_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> None:
                 assert cv2.imwrite(str(d / f"{i:03d}{exts[i % 3]}"), img)
 
 
-@pytest.fixture
-def own_project(project):
+def use_own_folder(project: Project) -> Project:
     write_folder(project.path / "data/source/shapes", {"train": 30, "test": 8})
     project.set_params(
         download={"url": "data/source/shapes", "md5": ""},
@@ -50,6 +49,26 @@ def own_project(project):
         train={"epochs": 3, "batch_size": 15, "lr": 0.05},
     )
     return project
+
+
+@pytest.fixture
+def own_project(project):
+    return use_own_folder(project)
+
+
+@pytest.fixture(scope="module")
+def own_template(tmp_path_factory, http_server, cifar_archive) -> Path:
+    """An own-folder project after one `dvc repro`, committed: built once for this module."""
+    proj = use_own_folder(new_project(tmp_path_factory.mktemp("own") / "proj", http_server, cifar_archive))
+    proj.dvc("repro")
+    proj.git("add", "-A")
+    proj.git("commit", "-q", "-m", "reproduced")
+    return proj.path
+
+
+@pytest.fixture
+def own_reproduced(own_template, tmp_path) -> Project:
+    return Project(shutil.copytree(own_template, tmp_path / "proj", symlinks=True))
 
 
 def test_image_folder_runs_the_whole_pipeline_and_rerun_rules(own_project):
@@ -71,9 +90,8 @@ def test_image_folder_runs_the_whole_pipeline_and_rerun_rules(own_project):
     assert proj.ran_stages(proj.dvc("repro")) == ["download", "preprocess", "train", "export", "evaluate"]
 
 
-def test_predictions_match_the_evaluate_stage(own_project):
-    proj = own_project
-    proj.dvc("repro")
+def test_predictions_match_the_evaluate_stage(own_reproduced):
+    proj = own_reproduced
     test_dir = proj.path / "data/source/shapes/test"
     out = subprocess.run(
         [sys.executable, "-m", "imgclf.predict", "--model", "models/model_state.pt", "--json", "--top-k", "3", str(test_dir)],
@@ -124,15 +142,15 @@ def predict_json(proj, model: str, folder: Path) -> list[dict]:
     return sorted(json.loads(out.stdout), key=lambda r: (Path(r["path"]).parent.name, r["path"]))
 
 
-def test_with_test_time_augmentation_predict_and_serving_see_what_evaluate_sees(own_project):
+def test_with_test_time_augmentation_predict_and_serving_see_what_evaluate_sees(own_reproduced):
     """TTA is part of the exported model: evaluate, predict and the ONNX file all average the
     same 6 views (flip x 3 shifts), and that differs from the plain model's answers."""
     from imgclf.bundle import model_from_bundle, read_bundle
     from imgclf.predict import predict_files
 
-    proj = own_project
+    proj = own_reproduced
     proj.set_params(export={"tta_flip": True, "tta_shift": 2, "onnx": True})
-    proj.dvc("repro")
+    assert proj.ran_stages(proj.dvc("repro")) == ["params", "export", "evaluate"]
     ev = json.loads((proj.path / "metrics/eval.json").read_text())
     assert (ev["tta_flip"], ev["tta_shift"]) == (True, 2)
     test_dir = proj.path / "data/source/shapes/test"
