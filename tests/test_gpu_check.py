@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -134,3 +133,25 @@ def test_the_speed_recipe_is_read_from_the_makefile_as_make_passes_it():
     from_make = shlex.split(printed.strip().splitlines()[-1])
     assert from_make[:3] == ["dvc", "exp", "run"]
     assert gpu_check().make_args(ROOT / "Makefile", "SPEED_RECIPE", {"VAL": "0"}) == from_make[3:]
+
+
+def test_the_peers_cache_is_the_pipelines_or_made_in_their_layout(tmp_path):
+    """The peers read uint8 N x 3 x 32 x 32 images and int64 labels: a pipeline cache in that
+    form is used as it is, another is converted, and without one the archive is preprocessed."""
+    import torch
+
+    from imgclf.params import PreprocessParams
+    from imgclf.preprocess import preprocess
+
+    gc = gpu_check()
+    archive = image_folder_archive(tmp_path / "tiny.tar.gz", 30, 10)
+    preprocess(archive, tmp_path / "p32", PreprocessParams(dataset="imagefolder"))
+    assert "has the layout" in gc.anchor_cache(tmp_path / "p32", tmp_path / "out32", archive)
+    assert not (tmp_path / "out32").exists()
+    preprocess(archive, tmp_path / "p16", PreprocessParams(dataset="imagefolder", image_size=16))
+    assert "differs" in gc.anchor_cache(tmp_path / "p16", tmp_path / "out16", archive)
+    assert "preprocessed" in gc.anchor_cache(tmp_path / "none", tmp_path / "made", archive)
+    for folder, n in (("out16", 30), ("made", 30)):
+        d = torch.load(tmp_path / folder / "train.pt", weights_only=True)
+        assert d["images"].dtype == torch.uint8 and d["images"].shape == (n, 3, 32, 32)
+        assert d["labels"].dtype == torch.int64 and len(d["labels"]) == n

@@ -47,12 +47,21 @@ def make_args(makefile: Path, name: str, values: dict[str, str]) -> list[str]:
 # --- The cache the reference peers read ---------------------------------------------------
 
 
-def anchor_cache(processed: Path, out: Path) -> str:
+def anchor_cache(processed: Path, out: Path, data: Path | None = None) -> str:
     """The peers read ``train.pt``/``test.pt`` as dicts of ``images`` (uint8, N x 3 x 32 x 32)
     and ``labels`` (int64, N). Say whether ``processed`` is in that form; if not, write that
-    form to ``out``."""
+    form to ``out``. Without ``processed`` (the pipeline failed), preprocess the image-folder
+    archive ``data`` into ``out`` as the pipeline would, so that the peers can still run."""
     import torch
 
+    if not (processed / "train.pt").exists() and data is not None:
+        from imgclf.params import PreprocessParams
+        from imgclf.preprocess import preprocess
+
+        preprocess(data, out, PreprocessParams(dataset="imagefolder"))
+        made, processed = f"no {processed / 'train.pt'}: preprocessed {data} into {out}; ", out
+    else:
+        made = ""
     problems, splits = [], {}
     for name in ("train.pt", "test.pt"):
         d = torch.load(processed / name, weights_only=True, mmap=True)
@@ -65,7 +74,9 @@ def anchor_cache(processed: Path, out: Path) -> str:
                 and len(labels) == len(images)):
             problems.append(f"{name}: labels {getattr(labels, 'dtype', None)} {tuple(getattr(labels, 'shape', ()))}")
     if not problems:
-        return f"{processed} has the layout the peers read (uint8 N x 3 x 32 x 32 images, int64 labels)"
+        return f"{made}{processed} has the layout the peers read (uint8 N x 3 x 32 x 32 images, int64 labels)"
+    if processed == out:
+        raise SystemExit(f"{out}: the preprocess stage's cache does not have the peers' layout: {'; '.join(problems)}")
     out.mkdir(parents=True, exist_ok=True)
     for name, (images, labels) in splits.items():
         images = torch.nn.functional.interpolate(images.float(), size=(32, 32), mode="area").round().to(torch.uint8) \
@@ -175,6 +186,13 @@ def spread(values: list[float]) -> dict[str, Any] | None:
 # --- The summary ---------------------------------------------------------------------------------
 
 
+def _log_lines(log: Path) -> list[str]:
+    """A step's log without its first line (the command) and the stamps."""
+    if not log.exists():
+        return []
+    return [STAMP.sub(r"\2", x) for x in log.read_text(errors="replace").splitlines()[1:]]
+
+
 def _env_number(name: str) -> float | None:
     try:
         return float(os.environ[name])
@@ -205,10 +223,11 @@ def summarise(logdir: Path) -> dict[str, Any]:
             parsed["seconds"] = spread([r["seconds"] for r in parsed["runs"]])
             results[name] = parsed
         elif name == "tests":
-            log = logdir / "tests.log"
-            lines = [STAMP.sub(r"\2", x) for x in log.read_text(errors="replace").splitlines()] if log.exists() else []
+            lines = _log_lines(logdir / "tests.log")
             results[name] = {"pytest": next((x.strip("= ") for x in reversed(lines)
                                               if re.search(r"\b(passed|failed|skipped|error|no tests ran)\b", x)), None)}
+        elif name == "anchor-cache":
+            results[name] = {"message": (_log_lines(logdir / "anchor-cache.log") or [None])[-1]}
     seeds = [results[s["step"]] for s in steps if s["step"].startswith("speed-seed") and s["status"] == "ok"]
     speed = out["speed_recipe"] = {
         "acc": spread([r.get("test_acc") for r in seeds]),
@@ -263,6 +282,8 @@ def markdown(summary: dict[str, Any]) -> str:
                 notes.append("time = whitening + epochs + TTA eval, as the peer times it")
         elif name == "tests" and r.get("pytest"):
             notes.append(r["pytest"])
+        elif name == "anchor-cache" and r.get("message"):
+            notes.append(r["message"])
         rows.append(f"| {name} | {s['status']} | {s['wall_s']:.1f} | {acc} | {train} | {'; '.join(notes)} |")
     speed = summary["speed_recipe"]
     lines = [
@@ -295,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("anchor-cache")
     a.add_argument("processed", type=Path)
     a.add_argument("out", type=Path)
+    a.add_argument("--data", type=Path, help="image-folder archive to preprocess when PROCESSED has no train.pt")
     a = sub.add_parser("summary")
     a.add_argument("logdir", type=Path)
     a.add_argument("outdir", type=Path)
@@ -302,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "make-args":
         print("\n".join(make_args(args.makefile, args.name, dict(v.split("=", 1) for v in args.values))))
     elif args.cmd == "anchor-cache":
-        print(anchor_cache(args.processed, args.out))
+        print(anchor_cache(args.processed, args.out, args.data))
     else:
         summary = summarise(args.logdir)
         args.outdir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@
 #   pipeline         the default pipeline, whole: `dvc exp run` on the image-folder archive DATA
 #   speed-seed<N>    the speed recipe (the Makefile's SPEED_RECIPE, VAL=0) for seeds 0..SEEDS-1;
 #                    seeds after the first skip the ONNX/.pt2 serving files (not training time)
-#   anchor-cache     checks that data/processed has the layout the peers read (else writes one)
+#   anchor-cache     checks that data/processed has the layout the peers read (else writes one;
+#                    without data/processed, preprocesses DATA itself, so the peers still run)
 #   airbench94, airbench94_muon
 #                    the reference peers in ANCHORS, RUNS runs each (muon with COMPILE=default)
 #   tests            python -m pytest -m cuda tests
@@ -74,9 +75,13 @@ RESERVE=10   # seconds kept back for the summary
 MIN_STEP=20  # a step is not started with less than this left
 
 # Each step's own limit, in seconds, sized for one H200 (docs/gpu.md has the expected times).
-declare -A LIMIT=([pipeline]=240 [speed-first]=150 [speed]=90 [anchor-cache]=60 [airbench94]=120
+declare -A LIMIT=([pipeline]=240 [speed-first]=150 [speed]=90 [anchor-cache]=90 [airbench94]=120
                   [airbench94_muon]=240 [tests]=240 [bench]=150)
 
+absolute() { if [ -e "$1" ]; then (cd "$(dirname "$1")" && printf '%s/%s' "$(pwd -P)" "$(basename "$1")"); else printf '%s' "$1"; fi; }
+DATA=$(absolute "$DATA")
+ANCHORS=$(absolute "$ANCHORS")
+[ -n "$WHEELS" ] && WHEELS=$(absolute "$WHEELS")
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX") || exit 2
 LOGDIR=$WORK/logs
 COPY=$WORK/project
@@ -167,6 +172,7 @@ copy_project() {  # the project's files into COPY: git's list where there is one
 setup() {
     echo "repo $REPO, work folder $WORK, outdir $OUTDIR"
     PY=$(command -v "$PYTHON") || { echo "no $PYTHON on PATH"; return 1; }
+    git --version || { echo "no git: dvc exp run needs it"; return 1; }
     if ! "$PY" -c 'import dvc, dvclive, pydantic, ruamel.yaml' 2> /dev/null; then
         if [ -z "$WHEELS" ]; then
             echo "dvc, dvclive, pydantic or ruamel.yaml is missing and WHEELS is not set"
@@ -227,7 +233,6 @@ fi
 
 # --- The steps -------------------------------------------------------------------------------
 
-if [ -f "$DATA" ]; then DATA=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA"); fi
 # Quoted for DVC's -S parser, so that neither value can be read as a number.
 DATA_ARGS=(-S preprocess.dataset=imagefolder -S "download.url='$DATA'" -S "download.md5='$DATA_MD5'")
 DEVICE_ARGS=(-S "train.device=$DEVICE")
@@ -253,7 +258,7 @@ fi
 if want anchors; then
     CACHE=$COPY/data/processed
     if (cd "$WORK" && run_step anchor-cache "${LIMIT[anchor-cache]}" "$PY" "$REPO/tools/gpu_check.py" anchor-cache \
-            "$CACHE" "$WORK/anchor-cache"); then
+            "$CACHE" "$WORK/anchor-cache" --data "$DATA"); then
         [ -f "$WORK/anchor-cache/train.pt" ] && CACHE=$WORK/anchor-cache
         for peer in airbench94 airbench94_muon; do
             if [ "$DEVICE" != cuda ]; then
