@@ -62,12 +62,16 @@ def verify_in_fresh_process(files: dict[str, Path], images: torch.Tensor) -> dic
             raise PipelineError(f"cannot write the export check's images to {inp}: {str(e).splitlines()[0]} "
                                 f"(is {tempfile.gettempdir()} full? set TMPDIR to a folder with room)") from None
         code = (
-            "import json, sys, torch; from imgclf.export import _logits_of_files; "
+            "import sys; sys.argv[4] in sys.path or sys.path.insert(0, sys.argv[4]); "
+            "import json, torch; from imgclf.export import _logits_of_files; "
             "torch.save(_logits_of_files(json.loads(sys.argv[1]), torch.load(sys.argv[2])), sys.argv[3])"
         )
         paths = json.dumps({k: str(v) for k, v in files.items()})
-        # -I: isolated, so the current folder cannot shadow the installed package.
-        proc = subprocess.run([sys.executable, "-I", "-c", code, paths, str(inp), str(out)],
+        # -I: isolated, so neither the current folder nor PYTHON* variables can change what is
+        # imported. The one folder added is the one holding this very imgclf: the fresh process
+        # runs the same code, installed or from a checkout on PYTHONPATH (which -I ignores).
+        package_root = str(Path(__file__).resolve().parents[1])
+        proc = subprocess.run([sys.executable, "-I", "-c", code, paths, str(inp), str(out), package_root],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise PipelineError(f"the exported models do not reload in a fresh process:\n{proc.stderr.strip()}")

@@ -60,6 +60,15 @@ def configure_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has finished its queued work. A GPU runs asynchronously: a clock
+    read without this times how fast work was queued, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

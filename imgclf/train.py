@@ -33,7 +33,7 @@ from .distributed import Distributed, is_lost_peer, lost_peer_error
 from .epoch_log import EpochLog
 from .files import PipelineError, atomic_path, write_json
 from .params import ModelParams, TrainParams
-from .runtime import configure_threads, predict_logits, resolve_device, resolve_precision
+from .runtime import configure_threads, predict_logits, resolve_device, resolve_precision, synchronize
 from .shapes import check_fits, train_flops_per_image
 from .step import Trainee, build_trainee, epoch_batches, run_steps
 from .transforms import Augmenter
@@ -202,6 +202,9 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
     """Train one epoch and (rank 0) measure it on the validation images (``train.val_fraction``;
     the test split is the evaluate stage's alone); other ranks return None."""
     t, dist, trainee = run.t, run.dist, run.trainee
+    # Every clock read follows a synchronize: on a GPU the epoch's seconds are the time its
+    # work took on the device, not the time Python took to queue it.
+    synchronize(run.device)
     t0 = time.perf_counter()
     # Every process draws the same permutation and augmentation, then takes its share.
     gen = torch.Generator(run.device).manual_seed(t.seed * 100_003 + epoch)
@@ -212,6 +215,7 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
     losses, correct = run_steps(trainee.step, batches, run.steps_per_epoch, epoch=epoch, reduce=dist.mean,
                                 desc=f"epoch {epoch + 1}/{t.epochs}" if dist.is_main else None)
     epoch_losses, epoch_correct = dist.mean(losses), dist.sum(correct)
+    synchronize(run.device)
     seconds_train = time.perf_counter() - t0
     if not dist.is_main:
         return None
@@ -221,6 +225,8 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
                                 channels_last=t.channels_last)
         val_loss = nn.functional.cross_entropy(logits, run.val.labels).item()
         val_acc = (logits.argmax(1) == run.val.labels).float().mean().item()
+    synchronize(run.device)
+    seconds = time.perf_counter() - t0
     row = {
         "epoch": epoch + 1,
         "train_loss": epoch_losses.mean().item(),
@@ -229,7 +235,7 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
         "val_acc": val_acc,
         "lr": trainee.step.optimizer.param_groups[0]["lr"],
         "images_per_s": run.images_per_epoch / seconds_train,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "pflop": run.flops_per_image * run.images_per_epoch * (epoch + 1) / 1e15,
     }
     log.info(

@@ -12,10 +12,21 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from imgclf.cifar_writer import write_archive
 
 from helpers import CLASSES, Project, make_split, new_project
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (tests/test_cuda.py) run only where PyTorch sees a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

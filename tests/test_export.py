@@ -141,3 +141,29 @@ def test_the_export_check_names_a_temporary_folder_it_cannot_use(tmp_path, monke
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert re.match(r"cannot write the export check's images to \S+/in.pt: .* \(is \S+ full\? set TMPDIR", proc.stdout), proc.stdout
+
+
+def test_the_export_check_runs_the_same_imgclf_as_the_export(tmp_path):
+    """The fresh process is isolated (python -I ignores PYTHONPATH), yet it must import the
+    imgclf that exports, also when that is a checkout on PYTHONPATH and not an installed
+    package (a GPU machine given the project as a folder): here a copy of the package that
+    logs every import of itself."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import imgclf
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(imgclf.__file__).parent, checkout / "imgclf", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(checkout / "imgclf" / "__init__.py", "a") as f:
+        f.write("\nimport os as _os\nwith open(_os.environ['IMGCLF_IMPORT_LOG'], 'a') as _f:\n    _f.write(__file__ + '\\n')\n")
+    log = tmp_path / "imports.log"
+    code = ("import torch; from imgclf.export import verify_in_fresh_process; "
+            "verify_in_fresh_process({}, torch.zeros(1, 3, 8, 8, dtype=torch.uint8))")
+    env = dict(os.environ, PYTHONPATH=str(checkout), IMGCLF_IMPORT_LOG=str(log))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # Imported twice, both times from the copy: by the exporting process and by the fresh one.
+    assert log.read_text().splitlines() == [str(checkout / "imgclf" / "__init__.py")] * 2
