@@ -116,6 +116,16 @@ def _conv_bn(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class _GlobalMaxPool(nn.Module):
+    """Each channel's largest value, (N, C, H, W) -> (N, C): AdaptiveMaxPool2d(1), written as a
+    max pool over the whole map, which every ONNX exporter translates (torch 2.11's has no
+    translation for adaptive_max_pool2d, seen on the GPU machine; docs/gpu.md). Its gradient
+    goes to the same element (the first largest), so training is bit for bit as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.max_pool2d(x, kernel_size=x.shape[-2:]).flatten(1)
+
+
 class _Scale(nn.Module):
     """Multiply by a constant: keeps the head's logits small early in training, which lets
     the fast schedules use a high learning rate (the 0.125 of the DAWNBench ResNet-9)."""
@@ -145,8 +155,7 @@ def resnet_fast(num_classes: int = 10, image_size: int = 32, width: int = 64) ->
                 ("layer2", _conv_bn(2 * w, 4 * w, pool=True)),
                 ("layer3", _conv_bn(4 * w, 8 * w, pool=True)),
                 ("res3", _Residual(8 * w)),
-                ("pool", nn.AdaptiveMaxPool2d(1)),
-                ("flatten", nn.Flatten()),
+                ("pool", _GlobalMaxPool()),
                 ("head", nn.Linear(8 * w, num_classes, bias=False)),
                 ("scale", _Scale(0.125)),
             ]

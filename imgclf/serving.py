@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,20 @@ def _example(image_size: int) -> torch.Tensor:
     return torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
 
 
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # the exporters colour their messages
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0]}"
+
+
 def _export_error(what: str, meta: dict[str, Any], e: Exception, skip: str) -> PipelineError:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return PipelineError(f"cannot export model.arch={meta['arch']} {what} ({type(e).__name__}: {first}); {skip}")
+    """One line: the exporter's own error and, where it wraps another (the ONNX exporter's
+    ConversionError says only which of its steps failed), the innermost one, which says why."""
+    cause, seen = e, {id(e)}
+    while (inner := cause.__cause__ or cause.__context__) is not None and id(inner) not in seen:
+        cause = inner
+        seen.add(id(cause))
+    why = _first_line(e) + ("" if cause is e else f"; caused by {_first_line(cause)}")
+    return PipelineError(f"cannot export model.arch={meta['arch']} {what} ({why}); {skip}")
 
 
 def export_program(model: torch.nn.Module, meta: dict[str, Any]) -> torch.export.ExportedProgram:

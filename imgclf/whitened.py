@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .models import _Scale
+from .models import _GlobalMaxPool, _Scale
 
 WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4  # added to the eigenvalues: bounds the gain of the flattest directions
@@ -100,8 +100,7 @@ def whitened_net(num_classes: int = 10, image_size: int = 32, width: int = 64) -
                 ("block1", _block(whiten.out_channels, widths[0])),
                 ("block2", _block(widths[0], widths[1])),
                 ("block3", _block(widths[1], widths[2])),
-                ("pool", nn.AdaptiveMaxPool2d(1)),  # 3 x 3 -> 1 at 32 pixels, as MaxPool2d(3)
-                ("flatten", nn.Flatten()),
+                ("pool", _GlobalMaxPool()),  # 3 x 3 -> 1 at 32 pixels, as MaxPool2d(3)
                 ("head", nn.Linear(widths[2], num_classes, bias=False)),
                 ("scale", _Scale(1 / 9)),
             ]

@@ -167,3 +167,23 @@ def test_the_export_check_runs_the_same_imgclf_as_the_export(tmp_path):
     assert proc.returncode == 0, proc.stderr
     # Imported twice, both times from the copy: by the exporting process and by the fresh one.
     assert log.read_text().splitlines() == [str(checkout / "imgclf" / "__init__.py")] * 2
+
+
+def test_an_exporter_failure_names_its_innermost_cause(tmp_path, monkeypatch):
+    """The ONNX exporter wraps the real error in one that says only which of its steps failed
+    (and colours it): the one line names both, without the escapes."""
+    model, bundle = small_model("seed_cnn", 32)
+
+    def failing_export(*args, **kwargs):
+        try:
+            raise TypeError("no translation for aten::frobnicate")
+        except TypeError as e:
+            raise RuntimeError("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m. Next steps:\n...") from e
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(PipelineError) as info:
+        serving.write(model, tmp_path, ["onnx"], serving.metadata(bundle))
+    assert str(info.value) == (
+        "cannot export model.arch=seed_cnn to ONNX (RuntimeError: Failed to convert the exported program to an ONNX "
+        "model. This is step 3/3. Next steps:; caused by TypeError: no translation for aten::frobnicate); "
+        "set export.onnx=false to skip this format")
