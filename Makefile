@@ -51,7 +51,7 @@ $(SAMPLE)/PROVENANCE:
 	$(BIN)/python tools/make_sample.py $(SAMPLE_SOURCE) $(SAMPLE)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
 # The fast recipe: a narrow batch-normalised ResNet-9, one-cycle schedule, label smoothing,
 # flip + shift test-time augmentation; 13 epochs fit in 10 minutes on 2 CPU cores (README).
