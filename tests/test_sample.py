@@ -16,9 +16,10 @@ import numpy as np
 from imgclf.download import fetch
 from imgclf.imagefolder import read_archive
 
-from helpers import ROOT, make_tar
+from helpers import CLASSES, ROOT, make_tar
 
 SAMPLE_CLASSES = ["cat", "dog", "ship"]
+
 TRAIN_PER_CLASS, TEST_PER_CLASS = 7, 4
 
 
@@ -74,7 +75,7 @@ def test_the_sample_is_stratified_deterministic_and_as_its_provenance_says(tmp_p
     proc = make_sample(capsys, source, out, "--train", "6", "--test", "3", "--seed", "7")
     assert proc.returncode == 0, proc.stderr
     files = tree(out)
-    images = {k: v for k, v in files.items() if k != "PROVENANCE"}
+    images = {k: v for k, v in files.items() if k not in ("PROVENANCE", "SHA256SUMS")}
 
     # Stratified: 2 train and 1 test image per class; each the source file's very bytes.
     for split, per_class in (("train", 2), ("test", 1)):
@@ -97,14 +98,15 @@ def test_the_sample_is_stratified_deterministic_and_as_its_provenance_says(tmp_p
     shuffled = make_tar(tmp_path / "shuffled.tar.gz", {k: members[k] for k in names})
     again = make_sample(capsys, shuffled, tmp_path / "again", "--train", "6", "--test", "3", "--seed", "7")
     assert again.returncode == 0
-    assert {k: v for k, v in tree(tmp_path / "again").items() if k != "PROVENANCE"} == images
+    assert {k: v for k, v in tree(tmp_path / "again").items() if k != "PROVENANCE"} == {
+        k: v for k, v in files.items() if k != "PROVENANCE"}  # another archive, so another PROVENANCE
     assert make_sample(capsys, source, tmp_path / "other", "--train", "6", "--test", "3", "--seed", "8").returncode == 0
     assert set(tree(tmp_path / "other")) != set(files)
 
     # PROVENANCE: the source, its digests, the rule, the counts per class, the command.
     provenance = files["PROVENANCE"].decode()
     data = source.read_bytes()
-    assert f"source: {source}\n" in provenance
+    assert f"source: {source.name}\n" in provenance
     assert f"source sha256: {hashlib.sha256(data).hexdigest()}\n" in provenance
     assert f"source md5: {hashlib.md5(data).hexdigest()}\n" in provenance
     assert f"source size: {len(data)} bytes\n" in provenance
@@ -112,7 +114,9 @@ def test_the_sample_is_stratified_deterministic_and_as_its_provenance_says(tmp_p
     assert "images: 6 train + 3 test\n" in provenance
     for cls in SAMPLE_CLASSES:
         assert f"\n  {cls:<12}      2      1\n" in provenance
-    assert f"command: python tools/make_sample.py {source} {out} --train 6 --test 3 --seed 7\n" in provenance
+    assert f"command: python tools/make_sample.py {source.name} {out.name} --train 6 --test 3 --seed 7\n" in provenance
+    # SHA256SUMS: each image once, as `sha256sum -c` reads it.
+    assert files["SHA256SUMS"].decode() == "".join(f"{hashlib.sha256(images[k]).hexdigest()}  {k}\n" for k in sorted(images))
 
     # The pipeline reads the sample folder as an image folder with those counts.
     archive = fetch(str(out), tmp_path / "raw")
@@ -120,6 +124,32 @@ def test_the_sample_is_stratified_deterministic_and_as_its_provenance_says(tmp_p
     assert ds.classes == SAMPLE_CLASSES
     assert np.bincount(ds.train.labels.numpy()).tolist() == [2, 2, 2]
     assert np.bincount(ds.test.labels.numpy()).tolist() == [1, 1, 1]
+
+
+def test_the_committed_sample_is_what_its_checksums_and_provenance_say():
+    """data/sample/cifar10-sample, the embedded default: every file listed once with its
+    sha256, nothing else, 200 train and 50 test images per class, at most 3 MB, drawn from the
+    archive the datasets README names (tools/make_sample.py rebuilds it byte for byte)."""
+    sample = ROOT / "data/sample/cifar10-sample"
+    listed = {}
+    for line in (sample / "SHA256SUMS").read_text().splitlines():
+        digest, rel = line.split("  ", 1)
+        assert rel not in listed, rel
+        listed[rel] = digest
+    files = {p.relative_to(sample).as_posix() for p in sample.rglob("*") if p.is_file()}
+    assert set(listed) == files - {"PROVENANCE", "SHA256SUMS"}
+    assert {rel: hashlib.sha256((sample / rel).read_bytes()).hexdigest() for rel in listed} == listed
+    per_split_class: dict[tuple[str, str], int] = {}
+    for rel in listed:
+        split, cls, _ = rel.split("/")
+        per_split_class[split, cls] = per_split_class.get((split, cls), 0) + 1
+    assert sorted({cls for _, cls in per_split_class}) == CLASSES
+    assert set(per_split_class.values()) == {200, 50}
+    assert all(n == (200 if split == "train" else 50) for (split, _), n in per_split_class.items())
+    assert sum((sample / rel).stat().st_size for rel in files) <= 3_000_000
+    provenance = (sample / "PROVENANCE").read_text()
+    assert "source: cifar10-jpeg.tar.gz\nsource size: 19437144 bytes\n" in provenance
+    assert "source md5: da369a48cbcb5cb959d673f67ad8c0ed\n" in provenance and "seed: 0\n" in provenance
 
 
 def test_a_sample_it_cannot_stratify_is_refused_in_one_line(tmp_path, capsys):

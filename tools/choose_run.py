@@ -47,18 +47,19 @@ def probe(url: str, timeout: float) -> str | None:
     return "no answer"
 
 
-def choose(url: str, *, timeout: float, sample: Path, sample_source: Path) -> tuple[int, str]:
+def choose(url: str, *, timeout: float, sample: Path, sample_source: Path | None) -> tuple[int, str]:
     """The exit status and the line to print ('' for the full run)."""
     if local_path(url) is not None:
         return FULL, ""
     why = probe(url, timeout)
     if why is None:
         return FULL, ""
-    if (sample / "PROVENANCE").is_file() or sample_source.is_file():
+    if (sample / "PROVENANCE").is_file() or (sample_source is not None and sample_source.is_file()):
         return DEMO, f"make run: cannot reach {url} ({why}); running the demo on the CIFAR-10 sample instead"
     return NEITHER, (
-        f"make run: cannot reach {url} ({why}), and there is no sample at {sample} nor an archive to make "
-        f"one at {sample_source}: connect to the internet, or run make run SAMPLE_SOURCE=/path/to/cifar10-jpeg.tar.gz, "
+        f"make run: cannot reach {url} ({why}), and the sample the project commits is missing at {sample} "
+        f"(git checkout -- {sample} brings it back){f' with no archive to make it from at {sample_source}' if sample_source else ''}: "
+        "connect to the internet, or run make run SAMPLE_SOURCE=/path/to/cifar10-jpeg.tar.gz, "
         "or point the pipeline at a copy: dvc exp run -S download.url=/path/to/cifar-10-python.tar.gz"
     )
 
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="the source to check (default: download.url in params.yaml)")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     ap.add_argument("--sample", type=Path, default=Path("data/sample/cifar10-sample"), help="the demo's sample")
-    ap.add_argument("--sample-source", type=Path, default=Path("../shared/datasets/cifar10-jpeg.tar.gz"),
-                    help="the archive tools/make_sample.py makes the sample from")
+    ap.add_argument("--sample-source", type=Path, default=None,
+                    help="an archive tools/make_sample.py can make the sample from, where it is missing")
     args = ap.parse_args(argv)
     try:
         url = args.url or load_params(paths.PARAMS).download.url

@@ -3,9 +3,11 @@
     python tools/make_sample.py ../shared/datasets/cifar10-jpeg.tar.gz data/sample/cifar10-sample
 
 writes ``train/<class>/<file>`` and ``test/<class>/<file>`` (``val/`` if the source has no
-``test/``) with the original bytes of each chosen file (no re-encoding), and ``PROVENANCE``
-beside them: the source file, its size, sha256 and md5, the selection rule, the counts per
-class and the command that made it. ``make demo`` runs the pipeline on it.
+``test/``) with the original bytes of each chosen file (no re-encoding), and beside them
+``PROVENANCE`` (the source file's name, size, sha256 and md5, the selection rule, the counts
+per class and the command that made it) and ``SHA256SUMS`` (each image's checksum). The
+project commits the sample this makes of the CIFAR-10 JPEG archive, ``data/sample/cifar10-sample``:
+``make demo`` and an offline ``make run`` train on it.
 
 Selection: every class gets the same number of images (``--train`` / number of classes in
 train, ``--test`` likewise). Within each (split, class) the files chosen are those whose
@@ -33,6 +35,7 @@ from imgclf.files import PipelineError, atomic_path, file_digest
 from imgclf.imagefolder import _layout  # the preprocess stage's layout rules, so both agree
 
 DEFAULT_TRAIN, DEFAULT_TEST, DEFAULT_SEED = 2000, 500, 0
+CHECKSUMS = "SHA256SUMS"
 
 
 def selection_key(seed: int, path: str) -> str:
@@ -77,7 +80,8 @@ def choose(found: dict[tuple[str, str], list[str]], *, train: int, test: int, se
 
 
 def write_sample(source: Path, out: Path, chosen: dict[tuple[str, str], list[str]], provenance: str) -> None:
-    """Copy the chosen files' bytes under ``out`` (replaced atomically), then PROVENANCE."""
+    """Copy the chosen files' bytes under ``out`` (replaced atomically), then PROVENANCE and
+    SHA256SUMS (``sha256sum -c SHA256SUMS`` in the folder checks every image)."""
     wanted = {path for paths in chosen.values() for path in paths}
     with atomic_path(out, is_dir=True) as tmp, open_archive(source) as raw:
         written = 0
@@ -92,6 +96,7 @@ def write_sample(source: Path, out: Path, chosen: dict[tuple[str, str], list[str
                 dst.write_bytes(m.read())
                 written += dst.stat().st_size
         (tmp / "PROVENANCE").write_text(provenance)
+        (tmp / CHECKSUMS).write_text("".join(f"{file_digest(tmp / rel, 'sha256')}  {rel}\n" for rel in sorted(wanted)))
     print(f"{out}: {len(wanted)} images, {written / 1e6:.2f} MB", file=sys.stderr)
 
 
@@ -104,7 +109,7 @@ def provenance_text(source: Path, *, test_split: str, chosen: dict[tuple[str, st
     return "\n".join([
         "A stratified, deterministic sample of an image-folder archive, made by tools/make_sample.py.",
         "",
-        f"source: {source}",
+        f"source: {source.name}",
         f"source size: {source.stat().st_size} bytes",
         f"source sha256: {file_digest(source, 'sha256')}",
         f"source md5: {file_digest(source, 'md5')}",
@@ -137,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=DEFAULT_TEST, help="test images, all classes together")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="changes which files are chosen")
     args = ap.parse_args(argv)
-    command = shlex.join(["python", "tools/make_sample.py", str(args.source), str(args.output),
+    # Names, not paths: the same source makes the same sample, PROVENANCE included, wherever
+    # the files lie.
+    command = shlex.join(["python", "tools/make_sample.py", args.source.name, args.output.name,
                           "--train", str(args.train), "--test", str(args.test), "--seed", str(args.seed)])
     t0 = time.perf_counter()
     try:
