@@ -1,9 +1,9 @@
 """Stage `download`: fetch the dataset archive named by download.url into data/raw/, verified."""
 
-from imgclf import paths
-from imgclf.cli import run_stage
-from imgclf.download import fetch
-from imgclf.params import load_params
+from imgclf.core import paths
+from imgclf.core.params import load_params
+from imgclf.core.stage import run_stage
+from imgclf.download.fetch import fetch
 
 
 def main() -> None:

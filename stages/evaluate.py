@@ -1,10 +1,10 @@
 """Stage `evaluate`: test metrics, per-class accuracy and confusion-matrix data of the exported
 model, with its test-time augmentation (what predict and the serving files compute)."""
 
-from imgclf import paths
-from imgclf.cli import run_stage
-from imgclf.evaluate import evaluate
-from imgclf.params import load_params
+from imgclf.core import paths
+from imgclf.core.params import load_params
+from imgclf.core.stage import run_stage
+from imgclf.serve.evaluate import evaluate
 
 
 def main() -> None:

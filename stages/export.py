@@ -3,13 +3,13 @@
 
 import logging
 
-from imgclf import paths
-from imgclf.cli import run_stage
-from imgclf.dataset import load_cache
-from imgclf.export import export
-from imgclf.files import write_json
-from imgclf.params import load_params
-from imgclf.serving import FILE_NAMES, FORMATS
+from imgclf.cache.dataset import load_cache
+from imgclf.core import paths
+from imgclf.core.files import write_json
+from imgclf.core.params import load_params
+from imgclf.core.stage import run_stage
+from imgclf.serve.export import export
+from imgclf.serve.serving import FILE_NAMES, FORMATS
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ params.yaml changes, nothing depends on it, and the other stages do not rerun.
 
 import logging
 
-from imgclf import paths
-from imgclf.cli import run_stage
-from imgclf.params import load_params
+from imgclf.core import paths
+from imgclf.core.params import load_params
+from imgclf.core.stage import run_stage
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Stage `preprocess`: decode the archive into cached uint8 tensors and normalisation stats."""
 
-from imgclf import paths
-from imgclf.cli import run_stage
-from imgclf.params import load_params
-from imgclf.preprocess import preprocess
+from imgclf.core import paths
+from imgclf.core.params import load_params
+from imgclf.core.stage import run_stage
+from imgclf.data.preprocess import preprocess
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ other nodes of a multi-node run: `python stages/train.py --join` (docs/distribut
 
 import sys
 
-from imgclf import paths
-from imgclf.cli import run_stage
-from imgclf.launch import launch, needs_torchrun, parse_stage_args, read_params
+from imgclf.core import paths
+from imgclf.core.stage import run_stage
+from imgclf.train.launch import launch, needs_torchrun, parse_stage_args, read_params
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
     if needs_torchrun(params.train):
         launch(params.model, params.train, __file__, sys.argv[1:], join=args.join)
         return
-    from imgclf.train import TrainPaths, train  # here: the launching process never trains (saves ~2 s)
+    from imgclf.train.loop import TrainPaths, train  # here: the launching process never trains (saves ~2 s)
 
     train(
         params.model,

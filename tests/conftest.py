@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf.cifar_writer import write_archive
+from imgclf.bench.cifar_writer import write_archive
 
 from helpers import CLASSES, Project, make_split, new_project
 

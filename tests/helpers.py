@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from imgclf.dataset import Split
-from imgclf.files import atomic_path, file_digest
+from imgclf.cache.dataset import Split
+from imgclf.core.files import atomic_path, file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

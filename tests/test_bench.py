@@ -17,9 +17,9 @@ import torch
 from imgclf.bench.feeders import RECIPES, Config, build, classic_feeder, compute_feeder, extract_batches, pipeline_feeder
 from imgclf.bench.report import format_report
 from imgclf.bench.rows import ratio, recipe_ratios
-from imgclf.dataset import load_cache
-from imgclf.params import PreprocessParams
-from imgclf.preprocess import preprocess
+from imgclf.cache.dataset import load_cache
+from imgclf.core.params import PreprocessParams
+from imgclf.data.preprocess import preprocess
 
 from helpers import ROOT, run_env
 
@@ -115,7 +115,7 @@ def test_the_epoch_row_is_train_itself(bench):
     assert 0 < epoch["seconds"] <= epoch["wall_seconds"]
     batch = RECIPES[-1].batch // 8  # --quick divides batches by 8
     assert epoch["batch"] == batch
-    # train()'s plan and epoch lines (imgclf.train logs them).
+    # train()'s plan and epoch lines (imgclf.train.loop logs them).
     kept = epoch["train_images"]  # train.val_fraction (0.1) of each class held out
     assert kept + epoch["val_images"] == results["data"]["num_train"] and 0.85 < kept / results["data"]["num_train"] < 0.95
     steps = kept // batch

@@ -31,11 +31,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgclf import safe_pickle
-from imgclf.cifar import FOLDER
-from imgclf.safe_pickle import UnsafePickleError, load_pickle
-from imgclf.cifar_writer import write_archive
-from imgclf.files import PipelineError, file_digest
+from imgclf.bench.cifar_writer import write_archive
+from imgclf.core.files import PipelineError, file_digest
+from imgclf.data import safe_pickle
+from imgclf.data.cifar import FOLDER
+from imgclf.data.safe_pickle import UnsafePickleError, load_pickle
 
 from helpers import CLASSES, ROOT, make_split, make_tar, run_env
 
@@ -134,11 +134,11 @@ FORK_SERVER = r"""
 import os, runpy, sys, traceback
 # What stages/preprocess.py imports, in its order (so OpenCV's pixel limit is set, or not, as
 # it is there), then what it imports later.
-from imgclf import paths
-from imgclf.cli import run_stage
-from imgclf.params import load_params
-from imgclf.preprocess import preprocess
-import imgclf.imagefolder, torch.utils.tensorboard
+from imgclf.core import paths
+from imgclf.core.params import load_params
+from imgclf.core.stage import run_stage
+import imgclf.data.imagefolder, torch.utils.tensorboard
+from imgclf.data.preprocess import preprocess
 
 def child(workdir, argv):
     os.chdir(workdir)
@@ -175,8 +175,8 @@ for line in sys.stdin.read().splitlines():
 STAGE = str(ROOT / "stages/preprocess.py")
 # What imgclf-predict does with each file it is given.
 DECODE_FILE = """import sys
-from imgclf.cli import run_stage
-from imgclf.decode import load_image_file
+from imgclf.core.stage import run_stage
+from imgclf.data.decode import load_image_file
 
 run_stage("predict", lambda: load_image_file(sys.argv[1], 32))
 """

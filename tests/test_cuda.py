@@ -19,16 +19,16 @@ import cv2
 import pytest
 import torch
 
-import imgclf.train as train_module
-from imgclf.evaluate import evaluate
-from imgclf.export import export
-from imgclf.loading import load_state_dict_model
-from imgclf.params import AugmentParams, EvaluateParams, ModelParams, PreprocessParams, TrainParams
-from imgclf.preprocess import preprocess
-from imgclf.runtime import predict_logits
-from imgclf.step import TrainStep
-from imgclf.train import TrainPaths, train
-from imgclf.transforms import Augmenter
+from imgclf.core.params import AugmentParams, EvaluateParams, ModelParams, PreprocessParams, TrainParams
+from imgclf.data.preprocess import preprocess
+from imgclf.models.bundle import load_state_dict_model
+from imgclf.models.runtime import predict_logits
+from imgclf.serve.evaluate import evaluate
+from imgclf.serve.export import export
+from imgclf.train.augment import Augmenter
+import imgclf.train.loop as train_module
+from imgclf.train.loop import TrainPaths, train
+from imgclf.train.trainee import TrainStep
 
 pytestmark = pytest.mark.cuda
 
@@ -160,7 +160,7 @@ def test_bf16_autocast_and_channels_last(cache_dir, tmp_path, spy):
 
 
 def test_channels_last_model_weights_on_the_device():
-    from imgclf.step import build_trainee
+    from imgclf.train.trainee import build_trainee
 
     t = TrainParams(device=DEVICE, channels_last=True, epochs=1)
     tr = build_trainee(ModelParams(arch="whitened_net", width=8), t, num_classes=10, image_size=32,
@@ -218,7 +218,7 @@ def test_a_cuda_trained_model_exports_and_predicts_on_the_cpu(cache_dir, tmp_pat
                    tmp_path / "predictions.csv")
     assert abs(got["test_acc"] - cpu_acc) <= 1 / len(labels) + 1e-9
 
-    # imgclf-predict (as `python -m imgclf.predict`) in a process that sees no GPU.
+    # imgclf-predict (as `python -m imgclf.serve.predict`) in a process that sees no GPU.
     files = []
     for i in range(6):
         path = tmp_path / "photos" / f"{i}.png"
@@ -227,7 +227,7 @@ def test_a_cuda_trained_model_exports_and_predicts_on_the_cpu(cache_dir, tmp_pat
         files.append(str(path))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "imgclf.predict", "--model", str(tmp_path / "model_state.pt"),
+    proc = subprocess.run([sys.executable, "-m", "imgclf.serve.predict", "--model", str(tmp_path / "model_state.pt"),
                            "--json", "--top-k", "1", *files], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)

@@ -24,12 +24,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from imgclf.files import PipelineError, file_digest
-from imgclf.params import ModelParams, ParamsError, TrainParams, parse_params
+from imgclf.core.files import PipelineError, file_digest
+from imgclf.core.params import ModelParams, ParamsError, TrainParams, parse_params
 
 from helpers import FAST_TRAIN, Project, copy_project, run_env
 
-# imgclf.train and imgclf.bundle (torchvision, ~3 s) are imported where used: the two
+# imgclf.train.loop and imgclf.models.bundle (torchvision, ~3 s) are imported where used: the two
 # processes of the batch-norm test import this module, and should start fast.
 
 # Two "nodes" of one process each, each taking 25 images of every batch of 50. The endpoint
@@ -116,7 +116,7 @@ def run_both(node1: Project, node2: Project, *sets: str) -> tuple[str, str]:
 
 def single_process(node: Project, out: Path, arch: str) -> tuple[dict, dict]:
     """The same params on one process: train() on node 1's data."""
-    from imgclf.train import TrainPaths, train
+    from imgclf.train.loop import TrainPaths, train
 
     t = TrainParams(**(node.params()["train"] | {"nodes": 1, "rdzv_endpoint": ""}))
     out.mkdir()
@@ -153,7 +153,7 @@ def test_two_nodes_match_one_process_with_batch_norm(nodes, tmp_path):
 
     bundle = torch.load(node1.path / "models/trained.pt", weights_only=True)
     assert bundle["training"]["processes"] == 2 and bundle["training"]["nodes"] == 2
-    from imgclf.bundle import model_from_bundle
+    from imgclf.models.bundle import model_from_bundle
 
     model_from_bundle(bundle)  # the same state_dict keys: rebuilds with plain BatchNorm2d
     assert_same_optimisation(node1, single_process(node1, tmp_path / "single", "seed_cnn_bn"))
@@ -228,7 +228,7 @@ def test_multi_node_params_are_checked():
 
 
 def test_join_flags(tmp_path, monkeypatch):
-    from imgclf.launch import parse_stage_args, read_params
+    from imgclf.train.launch import parse_stage_args, read_params
 
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  epochs: 3\n")
@@ -247,7 +247,7 @@ def _first_node_ranks(flags: list[tuple[str, str]]) -> list[int | str]:
     (IMGCLF_FIRST_NODE, GROUP_RANK) flags; an error's message in place of a rank."""
     import torch.distributed as td
 
-    from imgclf.distributed import _first_node_first
+    from imgclf.train.distributed import _first_node_first
 
     server = td.TCPStore("127.0.0.1", 0, len(flags), True, wait_for_workers=False)
     out: list[int | str] = [""] * len(flags)
@@ -282,8 +282,8 @@ def _sync_bn_worker(rank: int, port: int, x: torch.Tensor, grad_out: torch.Tenso
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", GROUP_RANK="0", IMGCLF_FIRST_NODE="1")
     torch.cuda.is_available = lambda: True  # a host with CUDA: the CPU device must still get gloo
-    from imgclf.distributed import Distributed
-    from imgclf.sync_batchnorm import convert
+    from imgclf.train.distributed import Distributed
+    from imgclf.train.sync_batchnorm import convert
 
     dist = Distributed.from_env(torch.device("cpu"), timeout=30)
     half = slice(rank * 4, rank * 4 + 4)
@@ -326,8 +326,8 @@ def test_cpu_sync_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
 
 
 def test_sync_conversion_keeps_parameters_and_state_dict_keys():
-    from imgclf import models
-    from imgclf.sync_batchnorm import CPUSyncBatchNorm, convert
+    from imgclf.models import registry as models
+    from imgclf.train.sync_batchnorm import CPUSyncBatchNorm, convert
 
     model = models.build("seed_cnn_bn", {"num_classes": 10, "image_size": 32}, [0.5] * 3, [0.25] * 3)
     params, keys = list(model.parameters()), list(model.state_dict())
@@ -341,7 +341,7 @@ def test_sync_conversion_keeps_parameters_and_state_dict_keys():
 
 
 def test_backend_follows_the_device(monkeypatch):
-    from imgclf.distributed import backend_for
+    from imgclf.train.distributed import backend_for
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert backend_for(torch.device("cpu")) == "gloo"

@@ -12,12 +12,12 @@ import tarfile
 import pytest
 import torch
 
-from imgclf.cifar import FOLDER, read_archive
-from imgclf.safe_pickle import UnsafePickleError, load_pickle
-from imgclf.cifar_writer import write_archive
-from imgclf.files import PipelineError, file_digest
-from imgclf.params import PreprocessParams
-from imgclf.preprocess import preprocess
+from imgclf.bench.cifar_writer import write_archive
+from imgclf.core.files import PipelineError, file_digest
+from imgclf.core.params import PreprocessParams
+from imgclf.data.cifar import FOLDER, read_archive
+from imgclf.data.preprocess import preprocess
+from imgclf.data.safe_pickle import UnsafePickleError, load_pickle
 
 from helpers import CLASSES, make_split, make_tar
 
@@ -199,7 +199,7 @@ def test_cifar_cache_and_predict_resize_alike(cifar_archive, tmp_path):
     # resized by torchvision, predict by OpenCV: 30% of the pixels differed.)
     import cv2
 
-    from imgclf.decode import load_image_file
+    from imgclf.data.decode import load_image_file
 
     preprocess(cifar_archive, tmp_path / "processed", PreprocessParams(dataset="cifar10", image_size=64))
     cached = torch.load(tmp_path / "processed/test.pt", weights_only=True)["images"]

@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from imgclf import models, serving
-from imgclf.bundle import make_bundle
-from imgclf.export import check_agreement
-from imgclf.files import PipelineError
-from imgclf.params import ModelParams
+from imgclf.core.files import PipelineError
+from imgclf.core.params import ModelParams
+from imgclf.models import registry as models
+from imgclf.models.bundle import make_bundle
+from imgclf.serve import serving
+from imgclf.serve.export import check_agreement
 
 CLASSES = ["ant", "bee", "cat"]
 TOLERANCE = 1e-3  # export.tolerance's default
@@ -124,7 +125,7 @@ def test_the_export_check_names_a_temporary_folder_it_cannot_use(tmp_path, monke
     full disk there is one line naming it, not a traceback."""
     import tempfile
 
-    from imgclf.export import verify_in_fresh_process
+    from imgclf.serve.export import verify_in_fresh_process
 
     images = torch.zeros(32, 3, 32, 32, dtype=torch.uint8)  # 98 KB
     not_a_folder = tmp_path / "file"
@@ -133,8 +134,8 @@ def test_the_export_check_names_a_temporary_folder_it_cannot_use(tmp_path, monke
     with pytest.raises(PipelineError, match=r"^cannot make the export check's temporary folder in .*/file: .*TMPDIR"):
         verify_in_fresh_process({}, images)
     # A file-size limit (like a full disk) while torch.save writes the images.
-    code = ("import resource, torch; from imgclf.export import verify_in_fresh_process; "
-            "from imgclf.files import PipelineError\n"
+    code = ("import resource, torch; from imgclf.serve.export import verify_in_fresh_process; "
+            "from imgclf.core.files import PipelineError\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))\n"
             "try:\n    verify_in_fresh_process({}, torch.zeros(32, 3, 32, 32, dtype=torch.uint8))\n"
             "except PipelineError as e:\n    print(e)\n")
@@ -159,7 +160,7 @@ def test_the_export_check_runs_the_same_imgclf_as_the_export(tmp_path):
     with open(checkout / "imgclf" / "__init__.py", "a") as f:
         f.write("\nimport os as _os\nwith open(_os.environ['IMGCLF_IMPORT_LOG'], 'a') as _f:\n    _f.write(__file__ + '\\n')\n")
     log = tmp_path / "imports.log"
-    code = ("import torch; from imgclf.export import verify_in_fresh_process; "
+    code = ("import torch; from imgclf.serve.export import verify_in_fresh_process; "
             "verify_in_fresh_process({}, torch.zeros(1, 3, 8, 8, dtype=torch.uint8))")
     env = dict(os.environ, PYTHONPATH=str(checkout), IMGCLF_IMPORT_LOG=str(log))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
@@ -187,3 +188,38 @@ def test_an_exporter_failure_names_its_innermost_cause(tmp_path, monkeypatch):
         "cannot export model.arch=seed_cnn to ONNX (RuntimeError: Failed to convert the exported program to an ONNX "
         "model. This is step 3/3. Next steps:; caused by TypeError: no translation for aten::frobnicate); "
         "set export.onnx=false to skip this format")
+
+
+@pytest.mark.parametrize("arch", ["resnet_fast", "whitened_net"])
+def test_a_whole_model_pickled_before_the_package_split_still_loads(tmp_path, arch):
+    """A whole-model file names each class by its module. Files written while imgclf was flat
+    name imgclf.models, imgclf.whitened and imgclf.tta, which are now packages or gone; the
+    loader maps them to where the classes live now (imgclf.models.bundle.MOVED_MODULES)."""
+    import zipfile
+
+    from imgclf.models.bundle import load_whole_model
+    from imgclf.models.tta import with_tta
+
+    model = with_tta(small_model(arch, 16)[0], {"flip": True, "shift": 1}).eval()
+    new = tmp_path / "new.pt"
+    torch.save(model, new)
+    # Pickle protocol 2 names a class as "module\nname\n": rename the modules as the old,
+    # flat package named them, byte for byte.
+    old_names = {b"imgclf.models.registry\n": b"imgclf.models\n", b"imgclf.models.layers\n": b"imgclf.models\n",
+                 b"imgclf.models.whitened\n": b"imgclf.whitened\n", b"imgclf.models.tta\n": b"imgclf.tta\n"}
+    old = tmp_path / "old.pt"
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                for a, b in old_names.items():
+                    data = data.replace(a, b)
+                assert b"imgclf.tta\n" in data and b"imgclf.models\n" in data
+            dst.writestr(info, data)
+    with pytest.raises(AttributeError):  # what plain unpickling says of the old names
+        torch.load(old, weights_only=False)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    loaded = load_whole_model(old)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))

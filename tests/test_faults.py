@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf import checkpoint
-from imgclf.files import file_digest
-from imgclf.params import ModelParams, TrainParams
+from imgclf.core.files import file_digest
+from imgclf.core.params import ModelParams, TrainParams
+from imgclf.train import checkpoint
 
 from helpers import FAST_EXPORT, FAST_TRAIN, Project, copy_project, default_sigint, run_env
 

@@ -140,8 +140,8 @@ def test_the_peers_cache_is_the_pipelines_or_made_in_their_layout(tmp_path):
     form is used as it is, another is converted, and without one the archive is preprocessed."""
     import torch
 
-    from imgclf.params import PreprocessParams
-    from imgclf.preprocess import preprocess
+    from imgclf.core.params import PreprocessParams
+    from imgclf.data.preprocess import preprocess
 
     gc = gpu_check()
     archive = image_folder_archive(tmp_path / "tiny.tar.gz", 30, 10)

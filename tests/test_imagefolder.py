@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import decode, imagefolder
-from imgclf.archive import Limits
-from imgclf.decode import ImageFileError, decode_image, image_dimensions, load_image_file
-from imgclf.files import PipelineError
-from imgclf.imagefolder import read_archive
+from imgclf.core.files import PipelineError
+from imgclf.data import decode, imagefolder
+from imgclf.data.archive import Limits
+from imgclf.data.decode import ImageFileError, decode_image, image_dimensions, load_image_file
+from imgclf.data.imagefolder import read_archive
 
 from helpers import make_tar
 
@@ -285,7 +285,7 @@ def test_bad_images_fail_names_every_file_and_the_param(tmp_path):
 
 
 def test_bad_images_skip_leaves_them_out_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="imgclf.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="imgclf.data.imagefolder"):
         d = read_archive(with_bad_files(tmp_path), image_size=SIZE, bad_images="skip")
     check_solid_classes(d)
     assert "skipped 3 file(s)" in caplog.text and "d/train/ant/broken.jpg" in caplog.text
@@ -428,8 +428,8 @@ def test_zip_symlink_escaping_is_refused(tmp_path):
 
 def test_preprocess_stage_reads_image_folders(tmp_path):
     # The preprocess stage's entry point for preprocess.dataset=imagefolder.
-    from imgclf.params import PreprocessParams
-    from imgclf.preprocess import preprocess
+    from imgclf.core.params import PreprocessParams
+    from imgclf.data.preprocess import preprocess
 
     archive = make_tar(tmp_path / "source.tar", dataset_members("x/"), mode="w")
     stats = preprocess(archive, tmp_path / "processed", PreprocessParams(dataset="imagefolder", image_size=SIZE))
@@ -563,6 +563,6 @@ def test_pixel_limit_in_an_archive_fails_or_skips(tmp_path, caplog):
     msg = str(e.value)
     assert "test/ant/wide.png: 20 x 4 pixels (0.0 megapixels), over the limit of 6.4e-05 megapixels (preprocess.max_megapixels)" in msg
     assert "raise the limit named" in msg
-    with caplog.at_level(logging.WARNING, logger="imgclf.imagefolder"):
+    with caplog.at_level(logging.WARNING, logger="imgclf.data.imagefolder"):
         check_solid_classes(read_archive(archive, image_size=SIZE, max_pixels=SIZE * SIZE, bad_images="skip"))
     assert "test/ant/wide.png" in caplog.text

@@ -59,7 +59,7 @@ def test_a_running_experiment_shows_its_latest_metrics_and_step(project):
 
 def test_epochs_are_logged_in_a_git_repo_with_no_commit_yet(tmp_path, monkeypatch):
     """`git init`, `dvc init`, `dvc repro` before the first commit: DVCLive must not stop training."""
-    from imgclf.epoch_log import LIVE_METRICS, EpochLog
+    from imgclf.train.epoch_log import LIVE_METRICS, EpochLog
 
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=tmp_path, env=run_env(), check=True)

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from imgclf.files import file_digest
+from imgclf.core.files import file_digest
 
 from helpers import Project, new_project, run_env
 
@@ -94,7 +94,7 @@ def test_predictions_match_the_evaluate_stage(own_reproduced):
     proj = own_reproduced
     test_dir = proj.path / "data/source/shapes/test"
     out = subprocess.run(
-        [sys.executable, "-m", "imgclf.predict", "--model", "models/model_state.pt", "--json", "--top-k", "3", str(test_dir)],
+        [sys.executable, "-m", "imgclf.serve.predict", "--model", "models/model_state.pt", "--json", "--top-k", "3", str(test_dir)],
         cwd=proj.path, env=run_env(), capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
@@ -122,21 +122,21 @@ def test_predictions_match_the_evaluate_stage(own_reproduced):
     shutil.copy(test_dir / "green" / "000.png", odd)
     env = run_env() | {"PYTHONIOENCODING": "utf-8:strict"}
     text = subprocess.run(
-        [sys.executable, "-m", "imgclf.predict", "--model", "models/model_state.pt", str(test_dir / "blue"), odd.name],
+        [sys.executable, "-m", "imgclf.serve.predict", "--model", "models/model_state.pt", str(test_dir / "blue"), odd.name],
         cwd=proj.path, env=env, capture_output=True,
     )
     assert text.returncode == 0, text.stderr
     lines = text.stdout.decode("utf-8").splitlines()  # valid UTF-8
     assert len(lines) == 8 + 1 and re.fullmatch(r"odd-\\xff\.png: \S.* \(\d+\.\d%\).*", lines[-1]), lines
     as_json = subprocess.run(
-        [sys.executable, "-m", "imgclf.predict", "--model", "models/model_state.pt", "--json", odd.name],
+        [sys.executable, "-m", "imgclf.serve.predict", "--model", "models/model_state.pt", "--json", odd.name],
         cwd=proj.path, env=env, capture_output=True,
     )
     assert as_json.returncode == 0 and json.loads(as_json.stdout.decode("utf-8"))[0]["path"] == "odd-\\xff.png"
 
 
 def predict_json(proj, model: str, folder: Path) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "imgclf.predict", "--model", model, "--json", "--top-k", "3", str(folder)],
+    out = subprocess.run([sys.executable, "-m", "imgclf.serve.predict", "--model", model, "--json", "--top-k", "3", str(folder)],
                          cwd=proj.path, env=run_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return sorted(json.loads(out.stdout), key=lambda r: (Path(r["path"]).parent.name, r["path"]))
@@ -145,8 +145,8 @@ def predict_json(proj, model: str, folder: Path) -> list[dict]:
 def test_with_test_time_augmentation_predict_and_serving_see_what_evaluate_sees(own_reproduced):
     """TTA is part of the exported model: evaluate, predict and the ONNX file all average the
     same 6 views (flip x 3 shifts), and that differs from the plain model's answers."""
-    from imgclf.bundle import model_from_bundle, read_bundle
-    from imgclf.predict import predict_files
+    from imgclf.models.bundle import model_from_bundle, read_bundle
+    from imgclf.serve.predict import predict_files
 
     proj = own_reproduced
     proj.set_params(export={"tta_flip": True, "tta_shift": 2, "onnx": True})

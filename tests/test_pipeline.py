@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from imgclf.loading import load_state_dict_model, load_whole_model
-from imgclf.serving import OnnxClassifier, load_pt2
+from imgclf.models.bundle import load_state_dict_model, load_whole_model
+from imgclf.serve.serving import OnnxClassifier, load_pt2
 
 from helpers import ROOT, SERVING, default_sigint, run_env
 
@@ -99,15 +99,19 @@ def test_train_param_reruns_only_downstream(reproduced):
     assert json.loads((project.path / "metrics/eval.json").read_text())["tta_flip"] is True
 
 
-def test_editing_one_stages_code_reruns_only_that_stage(reproduced):
-    """dvc.yaml declares per stage only the code it runs: the export stage's module is not
-    the train stage's, so editing it leaves the trained model up to date."""
+def test_editing_one_folders_code_reruns_only_the_stages_that_import_it(reproduced):
+    """dvc.yaml declares per stage the code folders it runs: imgclf/serve/ is export's and
+    evaluate's, not train's, so editing it leaves the trained model up to date. The bytecode
+    Python writes beside the code (__pycache__/, in .dvcignore) changes nothing."""
     project = reproduced
-    with open(project.path / "imgclf/export.py", "a") as f:
+    (project.path / "imgclf/train/__pycache__").mkdir(exist_ok=True)
+    (project.path / "imgclf/train/__pycache__/loop.cpython-311.pyc").write_bytes(b"bytecode")
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
+    with open(project.path / "imgclf/serve/export.py", "a") as f:
         f.write("\n# an edit to the export stage's code\n")
     status = project.dvc("status", "--json")
-    assert set(json.loads(status.stdout)) == {"export"}, status.stdout
-    assert project.ran_stages(project.dvc("repro")) == ["export"]
+    assert set(json.loads(status.stdout)) == {"export", "evaluate"}, status.stdout
+    assert project.ran_stages(project.dvc("repro")) == ["export", "evaluate"]
 
 
 def test_exports_give_identical_logits(reproduced):

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import models, serving
-from imgclf.bundle import make_bundle
-from imgclf.loading import load_state_dict_model
-from imgclf.decode import load_image_file
-from imgclf.imagefolder import read_archive
-from imgclf.params import ModelParams
-from imgclf.predict import main, predict_files
+from imgclf.core.params import ModelParams
+from imgclf.data.decode import load_image_file
+from imgclf.data.imagefolder import read_archive
+from imgclf.models import registry as models
+from imgclf.models.bundle import load_state_dict_model, make_bundle
+from imgclf.serve import serving
+from imgclf.serve.predict import main, predict_files
 
 from helpers import make_tar, save_state_bundle, save_whole_model
 
@@ -82,7 +82,7 @@ BAD = ["notes.txt", "missing.jpg"]
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "imgclf.predict", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "imgclf.serve.predict", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_text_reports_bad_files_and_classifies_the_rest(model_file, images):

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from imgclf import models
-from imgclf.cifar_writer import write_archive
-from imgclf.lookahead import Lookahead
-from imgclf.params import AugmentParams, ModelParams, PreprocessParams, TrainParams, parse_params
-from imgclf.preprocess import preprocess
-from imgclf.step import make_optimizer
-from imgclf.train import TrainPaths, train
-from imgclf.transforms import Augmenter
-from imgclf.whitened import Whitening, fit_whitening
+from imgclf.bench.cifar_writer import write_archive
+from imgclf.core.params import AugmentParams, ModelParams, PreprocessParams, TrainParams, parse_params
+from imgclf.data.preprocess import preprocess
+from imgclf.models import registry as models
+from imgclf.models.whitened import Whitening, fit_whitening
+from imgclf.train.augment import Augmenter
+from imgclf.train.lookahead import Lookahead
+from imgclf.train.loop import TrainPaths, train
+from imgclf.train.trainee import make_optimizer
 
 from helpers import CLASSES, make_split
 
@@ -159,7 +159,7 @@ def test_the_speed_recipe_learns_and_an_interrupted_run_resumes_bit_for_bit(cach
     assert whole["val_images"] == 100 and whole["val_acc"] > LEARNS  # chance is 0.1
     assert whole["gflop_per_image"] > 0 and whole["train_pflop"] > 0
 
-    import imgclf.train as train_module
+    import imgclf.train.loop as train_module
 
     real_epoch = train_module.one_epoch
 

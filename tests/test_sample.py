@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from imgclf.download import fetch
-from imgclf.imagefolder import read_archive
+from imgclf.data.imagefolder import read_archive
+from imgclf.download.fetch import fetch
 
 from helpers import CLASSES, ROOT, make_tar
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf.cifar_writer import write_archive
-from imgclf.params import ModelParams, PreprocessParams, TrainParams
-from imgclf.preprocess import preprocess
-from imgclf.runtime import cpu_supports_bf16
-from imgclf.train import TrainPaths, train
+from imgclf.bench.cifar_writer import write_archive
+from imgclf.core.params import ModelParams, PreprocessParams, TrainParams
+from imgclf.data.preprocess import preprocess
+from imgclf.models.runtime import cpu_supports_bf16
+from imgclf.train.loop import TrainPaths, train
 
 from helpers import CLASSES, make_split
 
@@ -123,8 +123,8 @@ def test_checkpoint_of_other_params_is_ignored(cache_dir, tmp_path):
 
 def test_run_steps_leaves_the_batch_source_open(cache_dir):
     """Several calls can draw from one endless source of batches (as the benchmark does)."""
-    from imgclf import models
-    from imgclf.step import make_step, run_steps
+    from imgclf.models import registry as models
+    from imgclf.train.trainee import make_step, run_steps
 
     model = models.build("seed_cnn", models.arch_args(ModelParams(arch="seed_cnn"), num_classes=10, image_size=32), [0.5] * 3, [0.2] * 3)
     t = TrainParams(device="cpu", precision="fp32")
@@ -144,8 +144,8 @@ def test_run_steps_leaves_the_batch_source_open(cache_dir):
 
 
 def test_divergence_names_the_step_within_the_epoch():
-    from imgclf.files import PipelineError
-    from imgclf.step import check_finite
+    from imgclf.core.files import PipelineError
+    from imgclf.train.trainee import check_finite
 
     check_finite(torch.tensor([1.0, 2.0]), epoch=0, first_step=5)
     with pytest.raises(PipelineError, match=r"at epoch 3, step 13;"):
@@ -157,8 +157,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_fresh(cache_dir, 
     fresh, fresh_state = run(cache_dir, tmp_path / "fresh", epochs=2)
     out = tmp_path / "damaged"
     out.mkdir()
-    from imgclf import checkpoint
-    from imgclf.params import ModelParams as MP
+    from imgclf.train import checkpoint
+    from imgclf.core.params import ModelParams as MP
 
     whole = tmp_path / "whole.pt"
     checkpoint.save(whole, fingerprint="x", epoch=0, history=[], model=torch.nn.Linear(2, 2), step_state={},
@@ -174,7 +174,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_fresh(cache_dir, 
 
 def test_checkpoint_loads_without_unpickling_code_and_carries_its_params(cache_dir, tmp_path):
     """weights_only=True loads it; the params it was made with are inside, readable alone."""
-    from imgclf import checkpoint
+    from imgclf.train import checkpoint
 
     model = torch.nn.Linear(2, 2)
     path = tmp_path / "c.pt"
@@ -203,7 +203,7 @@ def cache_dir_8px(tmp_path_factory, cifar_archive) -> Path:
 def test_params_that_do_not_fit_the_image_size_fail_before_training(cache_dir_8px, tmp_path, model, train_kw, message):
     """Params the schema accepts that would crash mid-run (reflect padding, a forward pass)
     are refused at set-up, naming the keys and values; nothing is written."""
-    from imgclf.files import PipelineError
+    from imgclf.core.files import PipelineError
 
     with pytest.raises(PipelineError, match=message):
         run(cache_dir_8px, tmp_path, model, **train_kw)
@@ -211,10 +211,10 @@ def test_params_that_do_not_fit_the_image_size_fail_before_training(cache_dir_8p
 
 
 def test_test_time_shift_must_be_smaller_than_the_images(cache_dir_8px, tmp_path):
-    from imgclf.evaluate import evaluate
-    from imgclf.export import export
-    from imgclf.files import PipelineError
-    from imgclf.params import EvaluateParams
+    from imgclf.serve.evaluate import evaluate
+    from imgclf.serve.export import export
+    from imgclf.core.files import PipelineError
+    from imgclf.core.params import EvaluateParams
 
     run(cache_dir_8px, tmp_path / "train", epochs=1)
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
@@ -229,7 +229,7 @@ def test_test_time_shift_must_be_smaller_than_the_images(cache_dir_8px, tmp_path
 
 
 def test_hold_out_is_stratified_fixed_and_disjoint():
-    from imgclf.dataset import Split, hold_out
+    from imgclf.cache.dataset import Split, hold_out
 
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 7)  # uneven classes
     split = Split(torch.arange(len(labels)).view(-1, 1, 1, 1).expand(-1, 3, 1, 1).to(torch.uint8), labels)
@@ -272,7 +272,7 @@ def test_without_validation_all_images_train_and_the_compute_is_counted(cache_di
 
 
 def test_a_validation_split_that_leaves_nothing_is_refused(cache_dir, tmp_path):
-    from imgclf.files import PipelineError
+    from imgclf.core.files import PipelineError
 
     with pytest.raises(PipelineError, match=r"train.val_fraction = 0.01 of 200 training images leaves 200 to train on and 0"):
         run(cache_dir, tmp_path / "run", val_fraction=0.01)

@@ -10,14 +10,15 @@ import torch
 import yaml
 from torch import nn
 
-from imgclf import models
-from imgclf.download import fetch, local_path, source_name
-from imgclf.files import PipelineError, atomic_path, file_digest
-from imgclf.params import ModelParams, Params, TrainParams, load_params
-from imgclf.runtime import resolve_precision
-from imgclf.step import lr_factor
-from imgclf.transforms import Augmenter, channel_stats
-from imgclf.tutorial import tutorial_transform
+from imgclf.bench.feeders import tutorial_transform
+from imgclf.core.files import PipelineError, atomic_path, file_digest
+from imgclf.core.params import ModelParams, Params, TrainParams, load_params
+from imgclf.data.preprocess import channel_stats
+from imgclf.download.fetch import fetch, local_path, source_name
+from imgclf.models import registry as models
+from imgclf.models.runtime import resolve_precision
+from imgclf.train.augment import Augmenter
+from imgclf.train.trainee import lr_factor
 
 
 def augment_all(images: torch.Tensor, *, crop_padding: int, flip: bool, seed: int) -> torch.Tensor:
@@ -184,7 +185,7 @@ def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
     ("train:\n  lr: [0.1\n", "params.yaml, line 3: not valid YAML"),
 ])
 def test_params_refuse_what_would_crash_or_be_coerced(tmp_path, text, message):
-    from imgclf.params import ParamsError
+    from imgclf.core.params import ParamsError
 
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError) as e:
@@ -241,7 +242,7 @@ def test_atomic_path_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp_
 def test_a_refused_write_names_the_output_and_leaves_the_old_one(tmp_path, errno_name):
     import errno
 
-    from imgclf.files import OutputError
+    from imgclf.core.files import OutputError
 
     target = tmp_path / "models/model.pt"
     target.parent.mkdir()
@@ -278,7 +279,7 @@ def test_a_failed_torch_save_names_the_file_it_was_writing(tmp_path):
     code = """if True:
         import sys, torch
         from pathlib import Path
-        from imgclf.files import atomic_path, OutputError
+        from imgclf.core.files import atomic_path, OutputError
         d = Path(sys.argv[1])
         for first, second in [(50_000, 100_000), (100_000, 10)]:  # floats: 200 kB, then 400 kB
             try:
@@ -297,7 +298,7 @@ def test_a_failed_torch_save_names_the_file_it_was_writing(tmp_path):
 
 
 def test_a_stage_prints_an_os_error_as_one_line(tmp_path, capsys):
-    from imgclf.cli import run_stage
+    from imgclf.core.stage import run_stage
 
     missing = tmp_path / "data/processed/train.pt"
     with pytest.raises(SystemExit) as e:
@@ -330,37 +331,95 @@ def test_a_folder_packs_to_identical_bytes_each_time(tmp_path):
     assert not (tmp_path / "raw3").exists()
 
 
-def _imgclf_imports(path: Path) -> set[str]:
-    """imgclf modules a file imports (at any depth of the file, lazy imports included)."""
+def _module_file(dotted: str) -> Path | None:
+    """The file of an imgclf module (``imgclf.core.params``), or None if it names no module
+    (an attribute of one: ``imgclf.core.params.load_params``)."""
+    base = ROOT.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imgclf_imports(path: Path) -> set[Path]:
+    """Files of the imgclf modules a file imports (at any depth of the file, lazy imports
+    included), with the ``__init__.py`` of every package on the way."""
     import ast
 
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])  # imgclf.serve for imgclf/serve/x.py
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level == 1:  # from .x import y / from . import x
-                names = [mod] if mod else [a.name for a in node.names]
-            elif mod == "imgclf":
-                names = [a.name for a in node.names]
-            elif mod.startswith("imgclf."):
-                names = [mod.split(".")[1]]
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                mod = f"{base}.{node.module}" if node.module else base
             else:
-                continue
-            found.update(f"imgclf/{n}.py" for n in names if (ROOT / f"imgclf/{n}.py").exists())
+                mod = node.module or ""
+        elif isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+            found |= {f for m in mods if m.startswith("imgclf.") for f in _package_files(m)}
+            continue
+        else:
+            continue
+        if mod != "imgclf" and not mod.startswith("imgclf."):
+            continue
+        found |= _package_files(mod)
+        found |= {f for a in node.names for f in _package_files(f"{mod}.{a.name}")}  # from pkg import module
     return found
 
 
-def test_each_stage_declares_exactly_the_code_it_runs():
+def _package_files(dotted: str) -> set[Path]:
+    """The module's file and the ``__init__.py`` of each package above it."""
+    parts = dotted.split(".")
+    return {f for i in range(1, len(parts) + 1) if (f := _module_file(".".join(parts[:i]))) is not None}
+
+
+def test_each_stage_declares_exactly_the_code_folders_it_runs():
+    """Code is declared by folder (imgclf/<subpackage>): a stage's whole import closure lies in
+    the folders it declares, and it declares no folder its closure does not reach."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         script = ROOT / f"stages/{name}.py"
+        assert f"stages/{name}.py" in stage["deps"], name
         needed, todo = set(), [script]
         while todo:
-            for mod in _imgclf_imports(todo.pop()) - needed:
-                needed.add(mod)
-                todo.append(ROOT / mod)
-        declared = {d for d in stage["deps"] if d.startswith("imgclf/")}
-        assert declared == needed, f"{name}: missing {needed - declared}, extra {declared - needed}"
+            for file in _imgclf_imports(todo.pop()) - needed:
+                needed.add(file)
+                todo.append(file)
+        # imgclf/__init__.py holds a docstring only: it must import nothing, or every stage
+        # would run (and have to declare) what it imports.
+        assert _imgclf_imports(ROOT / "imgclf/__init__.py") == set()
+        reached = {"imgclf/" + f.relative_to(ROOT / "imgclf").parts[0] for f in needed if f.parent != ROOT / "imgclf"}
+        declared = {d for d in stage["deps"] if d.startswith("imgclf")}
+        assert all((ROOT / d).is_dir() for d in declared), f"{name}: declare folders, not files: {sorted(declared)}"
+        assert declared == reached, f"{name}: missing {reached - declared}, extra {declared - reached}"
+
+
+def test_subpackages_import_each_other_without_cycles():
+    """The subpackages form layers (core at the bottom): no two import each other, directly
+    or round a longer loop."""
+    graph: dict[str, set[str]] = {}
+    for file in (ROOT / "imgclf").rglob("*.py"):
+        rel = file.relative_to(ROOT / "imgclf")
+        if len(rel.parts) < 2:
+            continue
+        own = rel.parts[0]
+        graph.setdefault(own, set()).update(
+            f.relative_to(ROOT / "imgclf").parts[0] for f in _imgclf_imports(file)
+            if f.parent != ROOT / "imgclf" and f.relative_to(ROOT / "imgclf").parts[0] != own)
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join([*path, node])}"
+        if node in done:
+            return
+        for other in sorted(graph.get(node, ())):
+            visit(other, [*path, node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
 
 
 def test_transforms_v1_and_v2_agree_and_v2_takes_batches():
@@ -384,7 +443,7 @@ def test_transforms_v1_and_v2_agree_and_v2_takes_batches():
 
 
 def test_test_time_views():
-    from imgclf.tta import TestTimeAugmented, shift, with_tta
+    from imgclf.models.tta import TestTimeAugmented, shift, with_tta
 
     images = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).reshape(2, 3, 6, 6)
     moved = shift(images, 1, 1)

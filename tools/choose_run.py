@@ -22,10 +22,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from imgclf import paths
-from imgclf.download import local_path
-from imgclf.files import PipelineError
-from imgclf.params import load_params
+from imgclf.core import paths
+from imgclf.core.files import PipelineError
+from imgclf.core.params import load_params
+from imgclf.download.fetch import local_path
 
 FULL, INVALID, DEMO, NEITHER = 0, 2, 3, 4
 

@@ -28,8 +28,8 @@ from torch import nn
 
 def images_per_s(cache: Path, threads: int) -> None:
     """One epoch of seed_cnn_bn, batch 128, precision auto, on the CPU, through train()."""
-    from imgclf.params import ModelParams, TrainParams
-    from imgclf.train import TrainPaths, train
+    from imgclf.core.params import ModelParams, TrainParams
+    from imgclf.train.loop import TrainPaths, train
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     t = TrainParams(epochs=1, batch_size=128, device="cpu", precision="auto", threads=threads, processes=processes)
@@ -69,9 +69,9 @@ def allreduce(sizes: list[int], repeats: int = 300) -> None:
 def parts(cache: Path) -> None:
     """seed_cnn_bn's three batch-norm layers on a 64-image share, plain against synchronised
     (forward and backward, all-reduces included), and augmenting a whole epoch, one thread."""
-    from imgclf.dataset import load_cache
-    from imgclf.sync_batchnorm import convert
-    from imgclf.transforms import Augmenter
+    from imgclf.cache.dataset import load_cache
+    from imgclf.train.sync_batchnorm import convert
+    from imgclf.train.augment import Augmenter
 
     _init()
     shapes = [(64, 32, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]

@@ -55,8 +55,8 @@ def anchor_cache(processed: Path, out: Path, data: Path | None = None) -> str:
     import torch
 
     if not (processed / "train.pt").exists() and data is not None:
-        from imgclf.params import PreprocessParams
-        from imgclf.preprocess import preprocess
+        from imgclf.core.params import PreprocessParams
+        from imgclf.data.preprocess import preprocess
 
         preprocess(data, out, PreprocessParams(dataset="imagefolder"))
         made, processed = f"no {processed / 'train.pt'}: preprocessed {data} into {out}; ", out

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from imgclf.cifar_writer import write_archive
-from imgclf.files import file_digest
-from imgclf.imagefolder import read_archive
+from imgclf.bench.cifar_writer import write_archive
+from imgclf.core.files import file_digest
+from imgclf.data.imagefolder import read_archive
 
 
 def main() -> None:

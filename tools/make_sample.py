@@ -16,7 +16,7 @@ train, ``--test`` likewise). Within each (split, class) the files chosen are tho
 gives the same sample, byte for byte, on any machine, whatever the archive's member order.
 
 Folders, hidden files and files outside the split/class layout are skipped by the same rules
-as the preprocess stage (:mod:`imgclf.imagefolder`). The output folder is replaced only once
+as the preprocess stage (:mod:`imgclf.data.imagefolder`). The output folder is replaced only once
 the sample is complete.
 """
 
@@ -30,9 +30,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from imgclf.archive import iter_members, open_archive
-from imgclf.files import PipelineError, atomic_path, file_digest
-from imgclf.imagefolder import _layout  # the preprocess stage's layout rules, so both agree
+from imgclf.core.files import PipelineError, atomic_path, file_digest
+from imgclf.data.archive import iter_members, open_archive
+from imgclf.data.imagefolder import _layout  # the preprocess stage's layout rules, so both agree
 
 DEFAULT_TRAIN, DEFAULT_TEST, DEFAULT_SEED = 2000, 500, 0
 CHECKSUMS = "SHA256SUMS"

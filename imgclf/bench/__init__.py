@@ -1,7 +1,7 @@
 """`make bench`: how close the pipeline trains to the machine's limit, measured side by side.
 
 One command, one run, one machine: the pipeline's training throughput (the code path of
-:func:`imgclf.train.train`), the same model fed the classic tutorial way (torchvision's
+:func:`imgclf.train.loop.train`), the same model fed the classic tutorial way (torchvision's
 ``CIFAR10`` through a ``DataLoader``), the same model stepping on one batch already on the
 device (the ceiling, no data path), and the FLOP ceiling from large matrix products. Then the
 one-off costs: preprocessing, loading the cache, a no-op ``dvc repro`` and one full epoch.

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import bench
-from ..files import PipelineError, write_json
+from ..core.files import PipelineError, write_json
 from .report import format_report
 from .run import run_bench
 

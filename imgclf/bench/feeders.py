@@ -1,7 +1,7 @@
 """What is measured: the recipes, and the three ways a throughput row feeds one training step.
 
-Every row trains a fresh model built by :func:`imgclf.step.build_trainee`, the function
-:func:`imgclf.train.train` builds with, so the step timed here is the step the train stage
+Every row trains a fresh model built by :func:`imgclf.train.trainee.build_trainee`, the function
+:func:`imgclf.train.loop.train` builds with, so the step timed here is the step the train stage
 takes. The rows differ only in how batches reach that step:
 
 - pipeline: train.py's data path (permute and augment the epoch on the device, then slice);
@@ -22,13 +22,12 @@ from typing import Any
 import torch
 import torchvision
 
-from .. import cifar
-from ..dataset import Cache
-from ..params import ModelParams, TrainParams
-from ..runtime import resolve_precision
-from ..step import Trainee, build_trainee, epoch_batches, run_steps
-from ..transforms import Augmenter
-from ..tutorial import tutorial_transform
+from ..cache.dataset import Cache
+from ..core.params import ModelParams, TrainParams
+from ..data import cifar
+from ..models.runtime import resolve_precision
+from ..train.augment import Augmenter
+from ..train.trainee import Trainee, build_trainee, epoch_batches, run_steps
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ class TutorialCIFAR10(torchvision.datasets.CIFAR10):
     archive benchmarked here has the official format but need not have those bytes:
     tools/make_cifar_archive.py repacks re-encoded images, and without an archive the bench
     writes a synthetic one. Speed, not provenance, is measured here; the same archive was
-    read just before by :func:`imgclf.cifar.read_archive`, which refuses any pickle holding
+    read just before by :func:`imgclf.data.cifar.read_archive`, which refuses any pickle holding
     more than arrays, lists and dicts, so torchvision's plain ``pickle.load`` reads only
     vetted files. Hence: the sums are not checked, only that the files exist.
     """
@@ -192,3 +191,12 @@ def classic_feeder(tr: Trainee, t: TrainParams, root: Path, mean: list[float], s
         return steps * b
 
     return run, batches.close  # closing the generator ends the worker processes
+
+
+def tutorial_transform(mean: list[float], std: list[float]) -> Any:
+    """The tutorial's per-image transform (§1, §2): image -> float in [0, 1] -> normalised.
+    The classic feeder's, and the reference the batched pipeline is tested against; no stage
+    runs it."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

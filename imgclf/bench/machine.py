@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torchvision
 
-from ..runtime import cpu_supports_bf16
+from ..models.runtime import cpu_supports_bf16
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

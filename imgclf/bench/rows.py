@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..dataset import Cache
-from ..runtime import configure_threads
+from ..cache.dataset import Cache
+from ..models.runtime import configure_threads
 from .feeders import Config, Recipe, build, classic_feeder, compute_feeder, pipeline_feeder
 from .machine import bf16_available
 from .timing import Settings, measure, synchronizer

@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from .. import paths
-from ..cifar_writer import write_archive
-from ..dataset import Split
-from ..files import PipelineError
-from ..params import PreprocessParams, TrainParams
-from ..preprocess import preprocess
-from ..runtime import configure_threads, resolve_device, resolve_precision
-from ..shapes import train_flops_per_image
-from ..train import TrainPaths, train
+from ..cache.dataset import Split
+from ..core import paths
+from ..core.files import PipelineError
+from ..core.params import PreprocessParams, TrainParams
+from ..data.preprocess import preprocess
+from ..models.runtime import configure_threads, resolve_device, resolve_precision
+from ..models.shapes import train_flops_per_image
+from ..train.loop import TrainPaths, train
+from .cifar_writer import write_archive
 from .feeders import RECIPES, Recipe, extract_batches
 from .machine import bf16_available, busy_elsewhere, machine_info
 from .rows import Bench, plan, ratio, recipe_ratios
@@ -98,7 +98,7 @@ def run_bench(*, archive: Path | None, project: Path | None, quick: bool, device
         # One real epoch of train() itself on the whole cache: the fast recipe.
         fast = RECIPES[-1]
         batch = fast.batch // s.batch_divisor
-        log.info("one epoch of imgclf.train.train (%s, batch %d) on %d images", fast.title, batch, len(cache.train))
+        log.info("one epoch of imgclf.train.loop.train (%s, batch %d) on %d images", fast.title, batch, len(cache.train))
         epoch = results["train_epoch"] = train_epoch(fast, batch, cache_dir, tmp / "train", device)
         # Sustained over the whole epoch, its validation pass and the logging included: the
         # share of the matmul peak (all threads) at the precision train() chose.
@@ -194,7 +194,7 @@ def dvc_noop(project: Path) -> dict[str, Any]:
 
 
 def train_epoch(recipe: Recipe, batch: int, cache_dir: Path, out: Path, device: torch.device) -> dict[str, Any]:
-    """One epoch of :func:`imgclf.train.train` itself, on the whole preprocessed cache."""
+    """One epoch of :func:`imgclf.train.loop.train` itself, on the whole preprocessed cache."""
     t = TrainParams(
         epochs=1, batch_size=batch, lr=recipe.lr, label_smoothing=recipe.label_smoothing,
         device=str(device), precision="auto", channels_last=True, threads=0,

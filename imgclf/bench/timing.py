@@ -1,6 +1,6 @@
 """How figures are taken: a synchronised clock, warm-up and timed repeats, the matmul peak,
 the cost of denormals, and the time to load the cache. (The FLOP count of a training image
-is :func:`imgclf.shapes.train_flops_per_image`, which the train stage reports too.)"""
+is :func:`imgclf.models.shapes.train_flops_per_image`, which the train stage reports too.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..dataset import Cache, load_cache
+from ..cache.dataset import Cache, load_cache
 from .feeders import Feeder
 
 
@@ -92,7 +92,7 @@ def denormal_cost(repeats: int, n: int = 256) -> dict[str, float]:
 
     Denormals (|x| < 1.2e-38 in fp32) appear late in training, when small gradients
     underflow; x86 handles them in slow microcode unless flush-to-zero is set, which
-    :func:`imgclf.runtime.configure_threads` does. A fresh model has none, so the effect is
+    :func:`imgclf.models.runtime.configure_threads` does. A fresh model has none, so the effect is
     shown on matrices made to produce them rather than in the throughput rows."""
     a = torch.full((n, n), 1e-20)  # normal floats whose products (1e-40) are denormal
     out = torch.empty(n, n)

@@ -1,0 +1,1 @@
+"""The cache of uint8 tensors: what preprocess writes and train, evaluate and export read."""
