@@ -9,7 +9,7 @@ from imgclf.serve.evaluate import evaluate
 
 def main() -> None:
     params = load_params(paths.PARAMS)
-    evaluate(paths.STATE_DICT, paths.PROCESSED_DIR, params.evaluate, paths.EVAL_METRICS, paths.PREDICTIONS)
+    evaluate(paths.EXPORTED_BUNDLE, paths.PROCESSED_DIR, params.evaluate, paths.EVAL_METRICS, paths.PREDICTIONS)
 
 
 if __name__ == "__main__":

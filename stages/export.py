@@ -13,13 +13,14 @@ from imgclf.serve.serving import FILE_NAMES, FORMATS
 
 
 def main() -> None:
-    params = load_params(paths.PARAMS).export
-    images = load_cache(paths.PROCESSED_DIR, splits=("test",)).test.images[: params.check_batch].clone()
-    formats = [f for f in FORMATS if getattr(params, f)]
-    report = export(paths.TRAINED_MODEL, paths.WHOLE_MODEL, paths.STATE_DICT, paths.SERVING_DIR, images,
-                    formats=formats, tolerance=params.tolerance, tta_flip=params.tta_flip, tta_shift=params.tta_shift)
+    export_params = load_params(paths.PARAMS).export
+    images = load_cache(paths.PROCESSED_DIR, splits=("test",)).test.images[: export_params.check_batch].clone()
+    formats = [f for f in FORMATS if getattr(export_params, f)]
+    report = export(paths.TRAINED_MODEL, paths.WHOLE_MODEL, paths.EXPORTED_BUNDLE, paths.SERVING_DIR, images,
+                    formats=formats, tolerance=export_params.tolerance, tta_flip=export_params.tta_flip,
+                    tta_shift=export_params.tta_shift)
     write_json(paths.EXPORT_METRICS, report)
-    written = [paths.WHOLE_MODEL, paths.STATE_DICT, *(paths.SERVING_DIR / FILE_NAMES[f] for f in formats)]
+    written = [paths.WHOLE_MODEL, paths.EXPORTED_BUNDLE, *(paths.SERVING_DIR / FILE_NAMES[f] for f in formats)]
     logging.getLogger("export").info("exported %s; all reload in a fresh process and agree on %d images%s",
                                      ", ".join(map(str, written)), report["verified_images"],
                                      "".join(f"; {f} max |logit diff| {report[f'max_abs_diff_{f}']:.2g}"

@@ -160,16 +160,16 @@ def test_the_three_feeders_give_the_step_different_batches(cifar_archive, tmp_pa
     root = extract_batches(cifar_archive, tmp_path / "torchvision")
     seen: dict[str, list[torch.Tensor]] = {}
     for kind in ("compute", "pipeline", "classic"):
-        tr, t = build(cfg, device, cache)
+        tr, train_params = build(cfg, device, cache)
         inputs = seen[kind] = []
         tr.model.net.register_forward_pre_hook(lambda _, args, inputs=inputs: inputs.append(args[0].detach().clone()))
         close = None
         if kind == "compute":
-            feeder = compute_feeder(tr, t, x, y)
+            feeder = compute_feeder(tr, train_params, x, y)
         elif kind == "pipeline":
-            feeder = pipeline_feeder(tr, t, x, y, torch.Generator().manual_seed(0))
+            feeder = pipeline_feeder(tr, train_params, x, y, torch.Generator().manual_seed(0))
         else:
-            feeder, close = classic_feeder(tr, t, root, cache.mean, cache.std, 0, cache.image_size)
+            feeder, close = classic_feeder(tr, train_params, root, cache.mean, cache.std, 0, cache.image_size)
         assert feeder(3) == 3 * 20
         if close is not None:
             close()

@@ -162,8 +162,8 @@ def test_bf16_autocast_and_channels_last(cache_dir, tmp_path, spy):
 def test_channels_last_model_weights_on_the_device():
     from imgclf.train.trainee import build_trainee
 
-    t = TrainParams(device=DEVICE, channels_last=True, epochs=1)
-    tr = build_trainee(ModelParams(arch="whitened_net", width=8), t, num_classes=10, image_size=32,
+    train_params = TrainParams(device=DEVICE, channels_last=True, epochs=1)
+    tr = build_trainee(ModelParams(arch="whitened_net", width=8), train_params, num_classes=10, image_size=32,
                        mean=[0.5] * 3, std=[0.25] * 3, device=torch.device(DEVICE), amp=torch.bfloat16,
                        steps_per_epoch=1, init_images=torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8))
     convs = [m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -118,11 +118,11 @@ def single_process(node: Project, out: Path, arch: str) -> tuple[dict, dict]:
     """The same params on one process: train() on node 1's data."""
     from imgclf.train.loop import TrainPaths, train
 
-    t = TrainParams(**(node.params()["train"] | {"nodes": 1, "rdzv_endpoint": ""}))
+    train_params = TrainParams(**(node.params()["train"] | {"nodes": 1, "rdzv_endpoint": ""}))
     out.mkdir()
     paths = TrainPaths(node.path / "data/processed", out / "model.pt", out / "train.json", out / "curve.csv",
                        out / "ckpt.pt", None)
-    metrics = train(ModelParams(arch=arch), t, paths)
+    metrics = train(ModelParams(arch=arch), train_params, paths)
     return metrics, torch.load(out / "model.pt", weights_only=True)["state_dict"]
 
 
@@ -238,8 +238,8 @@ def test_join_flags(tmp_path, monkeypatch):
         read_params(params, parse_stage_args(["-S", "train.nodes=2"]))
     with pytest.raises(ParamsError, match="train.nodes = 2 needs train.rdzv_endpoint"):
         read_params(params, parse_stage_args(["--join", "-S", "train.nodes=2"]))
-    t = read_params(params, parse_stage_args(["--join", "-S", "train.nodes=2", "-S", "train.rdzv_endpoint=h:1"])).train
-    assert (t.epochs, t.nodes, t.rdzv_endpoint) == (3, 2, "h:1")
+    train_params = read_params(params, parse_stage_args(["--join", "-S", "train.nodes=2", "-S", "train.rdzv_endpoint=h:1"])).train
+    assert (train_params.epochs, train_params.nodes, train_params.rdzv_endpoint) == (3, 2, "h:1")
 
 
 def _first_node_ranks(flags: list[tuple[str, str]]) -> list[int | str]:

@@ -193,7 +193,7 @@ def test_a_truncated_checkpoint_is_set_aside_and_dvc_repro_trains_fresh(trained,
     ckpt = proj.path / "checkpoints/train.pt"
     ckpt.parent.mkdir(exist_ok=True)  # the reference run left it, empty
     checkpoint.save(ckpt, fingerprint="x", epoch=3, history=[], model=torch.nn.Linear(64, 64), step_state={},
-                    model_params=ModelParams(), t=TrainParams())
+                    model_params=ModelParams(), train_params=TrainParams())
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a power cut: the data never landed
     proc = proj.dvc("repro", "--force", "--single-item", "train")
     out = proc.stdout + proc.stderr

@@ -127,8 +127,8 @@ def test_run_steps_leaves_the_batch_source_open(cache_dir):
     from imgclf.train.trainee import make_step, run_steps
 
     model = models.build("seed_cnn", models.arch_args(ModelParams(arch="seed_cnn"), num_classes=10, image_size=32), [0.5] * 3, [0.2] * 3)
-    t = TrainParams(device="cpu", precision="fp32")
-    step = make_step(model, t, torch.device("cpu"), None, total_steps=100, steps_per_epoch=10)
+    train_params = TrainParams(device="cpu", precision="fp32")
+    step = make_step(model, train_params, torch.device("cpu"), None, total_steps=100, steps_per_epoch=10)
     drawn = []
 
     def endless():
@@ -162,7 +162,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_fresh(cache_dir, 
 
     whole = tmp_path / "whole.pt"
     checkpoint.save(whole, fingerprint="x", epoch=0, history=[], model=torch.nn.Linear(2, 2), step_state={},
-                    model_params=MP(), t=TrainParams())
+                    model_params=MP(), train_params=TrainParams())
     (out / "ckpt.pt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with caplog.at_level("WARNING"):
         metrics, state = run(cache_dir, out, epochs=2)
@@ -179,7 +179,7 @@ def test_checkpoint_loads_without_unpickling_code_and_carries_its_params(cache_d
     model = torch.nn.Linear(2, 2)
     path = tmp_path / "c.pt"
     checkpoint.save(path, fingerprint="f", epoch=3, history=[{"epoch": 4.0}], model=model, step_state={},
-                    model_params=ModelParams(arch="resnet_fast", width=16), t=TrainParams(lr=0.2))
+                    model_params=ModelParams(arch="resnet_fast", width=16), train_params=TrainParams(lr=0.2))
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["params"]["model"]["arch"] == "resnet_fast" and ckpt["params"]["train"]["lr"] == 0.2
     assert checkpoint.load(path, "f", torch.device("cpu"))["epoch"] == 3

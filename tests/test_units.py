@@ -80,9 +80,9 @@ def test_augmentation_is_a_function_of_the_generator_seed():
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "linear", "constant"])
 def test_schedules_start_low_and_end_at_zero(schedule):
-    t = TrainParams(schedule=schedule, warmup_epochs=1)
+    train_params = TrainParams(schedule=schedule, warmup_epochs=1)
     total, per_epoch = 1000, 100
-    factors = [lr_factor(t, s, total, per_epoch) for s in range(total + 1)]
+    factors = [lr_factor(train_params, s, total, per_epoch) for s in range(total + 1)]
     assert max(factors) == pytest.approx(1.0, abs=0.01)
     if schedule == "constant":
         assert set(factors) == {1.0}
@@ -199,9 +199,9 @@ def test_params_read_numbers_as_dvc_does(tmp_path):
 
     text = "train:\n  lr: 1\n  weight_decay: 1e-3\n  warmup_epochs: 010\n  augment:\n    flip: false\n"
     (tmp_path / "params.yaml").write_text(text)
-    t = load_params(tmp_path / "params.yaml").train
+    train_params = load_params(tmp_path / "params.yaml").train
     dvc = parse_yaml(text, "params.yaml")["train"]
-    assert (t.lr, t.weight_decay, t.warmup_epochs, t.augment.flip) == (1.0, 0.001, 10.0, False)
+    assert (train_params.lr, train_params.weight_decay, train_params.warmup_epochs, train_params.augment.flip) == (1.0, 0.001, 10.0, False)
     assert (dvc["lr"], dvc["weight_decay"], dvc["warmup_epochs"], dvc["augment"]["flip"]) == (1, 0.001, 10, False)
 
 

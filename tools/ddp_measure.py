@@ -32,10 +32,10 @@ def images_per_s(cache: Path, threads: int) -> None:
     from imgclf.train.loop import TrainPaths, train
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    t = TrainParams(epochs=1, batch_size=128, device="cpu", precision="auto", threads=threads, processes=processes)
+    train_params = TrainParams(epochs=1, batch_size=128, device="cpu", precision="auto", threads=threads, processes=processes)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        metrics = train(ModelParams(arch="seed_cnn_bn"), t,
+        metrics = train(ModelParams(arch="seed_cnn_bn"), train_params,
                         TrainPaths(cache, out / "m.pt", out / "t.json", out / "c.csv", out / "ck.pt", None))
     if metrics:
         print("RESULT", json.dumps({"threads": threads, "processes": processes, **metrics}))

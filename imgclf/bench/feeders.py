@@ -84,26 +84,26 @@ def build(cfg: Config, device: torch.device, cache: Cache) -> tuple[Trainee, Tra
     hundred steps measured stay in its warm-up, at a small learning rate. Speed does not
     depend on the rate; divergence (which stops a step with an error, as in train()) cannot
     happen."""
-    t = cfg.train_params(device)
+    train_params = cfg.train_params(device)
     trainee = build_trainee(
-        cfg.recipe.model_params, t, num_classes=len(cache.classes), image_size=cache.image_size,
-        mean=cache.mean, std=cache.std, device=device, amp=resolve_precision(t.precision, device),
+        cfg.recipe.model_params, train_params, num_classes=len(cache.classes), image_size=cache.image_size,
+        mean=cache.mean, std=cache.std, device=device, amp=resolve_precision(train_params.precision, device),
         steps_per_epoch=50_000 // cfg.batch,
     )
-    return trainee, t
+    return trainee, train_params
 
 
 # Each feeder runs `steps` training steps and returns the number of images trained on.
 Feeder = Callable[[int], int]
 
 
-def pipeline_feeder(tr: Trainee, t: TrainParams, x_train: torch.Tensor, y_train: torch.Tensor,
+def pipeline_feeder(tr: Trainee, train_params: TrainParams, x_train: torch.Tensor, y_train: torch.Tensor,
                     generator: torch.Generator) -> Feeder:
     """train.py's data path: permute, augment the whole epoch in one batched pass on the
     device, then slice batches. A timed repeat of k steps is an epoch of k batches, so the
     per-epoch augmentation is paid in proportion, as in a full epoch."""
-    n, b = len(x_train), t.batch_size
-    augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip, seed=t.seed)
+    n, b = len(x_train), train_params.batch_size
+    augmenter = Augmenter(x_train, crop_padding=train_params.augment.crop_padding, flip=train_params.augment.flip, seed=train_params.seed)
 
     def run(steps: int) -> int:
         done = 0
@@ -118,10 +118,10 @@ def pipeline_feeder(tr: Trainee, t: TrainParams, x_train: torch.Tensor, y_train:
     return run
 
 
-def compute_feeder(tr: Trainee, t: TrainParams, x_train: torch.Tensor, y_train: torch.Tensor) -> Feeder:
+def compute_feeder(tr: Trainee, train_params: TrainParams, x_train: torch.Tensor, y_train: torch.Tensor) -> Feeder:
     """No data path: the same step on one fixed batch already on the device, in the
     model's memory format. The ceiling of this model at this batch size on this machine."""
-    b = t.batch_size
+    b = train_params.batch_size
     batch = (x_train[:b].contiguous(memory_format=tr.memory_format), y_train[:b].clone())
 
     def run(steps: int) -> int:
@@ -157,7 +157,7 @@ def extract_batches(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def classic_feeder(tr: Trainee, t: TrainParams, root: Path, mean: list[float], std: list[float], workers: int,
+def classic_feeder(tr: Trainee, train_params: TrainParams, root: Path, mean: list[float], std: list[float], workers: int,
                    image_size: int) -> tuple[Feeder, Callable[[], None]]:
     """The tutorial's way (§1): a Dataset returning one PIL image at a time, transformed per
     sample, collated by a DataLoader, copied to the device per batch. The per-sample
@@ -167,7 +167,7 @@ def classic_feeder(tr: Trainee, t: TrainParams, root: Path, mean: list[float], s
     Returns the feeder and what ends its worker processes."""
     from torchvision.transforms import v2
 
-    aug, b, device = t.augment, t.batch_size, tr.step.device
+    aug, b, device = train_params.augment, train_params.batch_size, tr.step.device
     ops: list[Any] = []
     if aug.crop_padding:
         ops.append(v2.RandomCrop(image_size, padding=aug.crop_padding, padding_mode="reflect"))

@@ -59,14 +59,14 @@ class Bench:
         """Measure one throughput row; the threads setting applies to it alone."""
         configure_threads(cfg.threads)
         try:
-            tr, t = build(cfg, self.device, self.cache)
+            tr, train_params = build(cfg, self.device, self.cache)
             close = None
             if kind == "pipeline":
-                feeder = pipeline_feeder(tr, t, self.x_train, self.y_train, torch.Generator(self.device).manual_seed(0))
+                feeder = pipeline_feeder(tr, train_params, self.x_train, self.y_train, torch.Generator(self.device).manual_seed(0))
             elif kind == "compute":
-                feeder = compute_feeder(tr, t, self.x_train, self.y_train)
+                feeder = compute_feeder(tr, train_params, self.x_train, self.y_train)
             else:
-                feeder, close = classic_feeder(tr, t, self.classic_root, self.cache.mean, self.cache.std, workers or 0,
+                feeder, close = classic_feeder(tr, train_params, self.classic_root, self.cache.mean, self.cache.std, workers or 0,
                                                self.cache.image_size)
             try:
                 timing = measure(feeder, synchronizer(self.device), self.settings)

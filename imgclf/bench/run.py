@@ -195,13 +195,13 @@ def dvc_noop(project: Path) -> dict[str, Any]:
 
 def train_epoch(recipe: Recipe, batch: int, cache_dir: Path, out: Path, device: torch.device) -> dict[str, Any]:
     """One epoch of :func:`imgclf.train.loop.train` itself, on the whole preprocessed cache."""
-    t = TrainParams(
+    train_params = TrainParams(
         epochs=1, batch_size=batch, lr=recipe.lr, label_smoothing=recipe.label_smoothing,
         device=str(device), precision="auto", channels_last=True, threads=0,
     )
     tp = TrainPaths(cache_dir, out / "trained.pt", out / "train.json", out / "train_curve.csv", out / "train_ckpt.pt", None)
     t0 = time.perf_counter()
-    metrics = train(recipe.model_params, t, tp)
+    metrics = train(recipe.model_params, train_params, tp)
     return {
         "recipe": recipe.name, "batch": batch, "precision": "auto", "channels_last": True,
         "wall_seconds": time.perf_counter() - t0,  # model build, epoch, test pass, export

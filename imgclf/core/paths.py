@@ -16,9 +16,9 @@ CHECKPOINT_DIR = Path("checkpoints")  # train: resumable per-epoch checkpoints (
 LOGS_DIR = Path("logs")  # TensorBoard event files, one folder per stage
 METRICS_DIR = Path("metrics")
 MODELS_DIR = Path("models")
-TRAINED_MODEL = MODELS_DIR / "trained.pt"  # train: weights bundle (input of evaluate/export)
+TRAINED_MODEL = MODELS_DIR / "trained.pt"  # train: the bundle (input of evaluate/export)
 WHOLE_MODEL = MODELS_DIR / "model.pt"  # export: torch.save(model)
-STATE_DICT = MODELS_DIR / "model_state.pt"  # export: state_dict + what rebuilds the model
+EXPORTED_BUNDLE = MODELS_DIR / "model_state.pt"  # export: the bundle (state_dict + what rebuilds the model, its TTA)
 # export: model.onnx and model.pt2, each when its export param is on. One folder, declared as
 # one output, so that a format turned off is simply absent (DVC fails on a missing declared file).
 SERVING_DIR = MODELS_DIR / "serving"

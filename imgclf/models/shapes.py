@@ -24,14 +24,14 @@ from ..core.params import ModelParams, TrainParams
 from . import registry
 
 
-def check_fits(model_params: ModelParams, t: TrainParams, *, image_size: int, num_classes: int, source: Path) -> None:
+def check_fits(model_params: ModelParams, train_params: TrainParams, *, image_size: int, num_classes: int, source: Path) -> None:
     """Refuse, before any training, params that pass the schema but cannot work at this image
     size: a crop padding reflect padding cannot make, an architecture whose forward pass
     would fail."""
     where = f"preprocess.image_size = {image_size}, in {source}"
-    if t.augment.crop_padding >= image_size:
+    if train_params.augment.crop_padding >= image_size:
         raise PipelineError(
-            f"train.augment.crop_padding = {t.augment.crop_padding} must be smaller than the images "
+            f"train.augment.crop_padding = {train_params.augment.crop_padding} must be smaller than the images "
             f"({where}): reflect padding cannot be as wide as the image"
         )
     if not _forward_works(model_params, num_classes, image_size):

@@ -21,14 +21,14 @@ from ..models.tta import OFF, views
 log = logging.getLogger(__name__)
 
 
-def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, e: EvaluateParams,
+def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, evaluate_params: EvaluateParams,
              metrics_out: str | os.PathLike, predictions_out: str | os.PathLike) -> dict[str, Any]:
     model, bundle = load_state_dict_model(model_path)
     tta = bundle.get("tta") or OFF
     device = resolve_device("auto")
     model.to(device)
     test = load_cache(cache_dir, splits=("test",)).test
-    logits = predict_logits(model, test.images, batch_size=e.batch_size, device=device)
+    logits = predict_logits(model, test.images, batch_size=evaluate_params.batch_size, device=device)
     labels = test.labels
     pred = logits.argmax(1)
     classes = bundle["classes"]

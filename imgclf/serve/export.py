@@ -93,7 +93,7 @@ def check_agreement(expected: torch.Tensor, got: dict[str, torch.Tensor], tolera
     return diffs
 
 
-def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, state_out: str | os.PathLike,
+def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, bundle_out: str | os.PathLike,
            serving_out: str | os.PathLike, images: torch.Tensor, *, formats: Sequence[str] = serving.FORMATS,
            tolerance: float = 1e-3, tta_flip: bool = False, tta_shift: int = 0) -> dict[str, Any]:
     """Write every export, prove each reloads in a fresh process and agrees on ``images``.
@@ -111,9 +111,9 @@ def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, state_out:
     torch.set_num_threads(1)
     with torch.no_grad():
         expected = model(images)
-    whole_out, state_out, serving_out = Path(whole_out), Path(state_out), Path(serving_out)
+    whole_out, bundle_out, serving_out = Path(whole_out), Path(bundle_out), Path(serving_out)
     meta = serving.metadata(bundle)
-    with atomic_path(whole_out) as whole_tmp, atomic_path(state_out) as state_tmp, \
+    with atomic_path(whole_out) as whole_tmp, atomic_path(bundle_out) as state_tmp, \
             atomic_path(serving_out, is_dir=True) as serving_tmp:
         torch.save(model, whole_tmp)
         torch.save(bundle, state_tmp)
@@ -124,7 +124,7 @@ def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, state_out:
         "max_abs_diff_whole": diffs["whole"],
         "max_abs_diff_state_dict": diffs["state"],
         "whole_model_bytes": whole_out.stat().st_size,
-        "state_dict_bytes": state_out.stat().st_size,
+        "state_dict_bytes": bundle_out.stat().st_size,
     }
     for fmt in formats:
         report[f"max_abs_diff_{fmt}"] = diffs[fmt]

@@ -29,11 +29,11 @@ from ..core.params import ModelParams, TrainParams
 log = logging.getLogger(__name__)
 
 
-def fingerprint(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> str:
+def fingerprint(model_params: ModelParams, train_params: TrainParams, cache_dir: Path) -> str:
     """What a checkpoint must match to be resumed: the params and the exact data."""
     h = hashlib.sha256()
     h.update(model_params.model_dump_json().encode())
-    h.update(t.model_dump_json().encode())
+    h.update(train_params.model_dump_json().encode())
     for name in sorted(p.name for p in cache_dir.iterdir() if p.is_file()):
         h.update(name.encode())
         h.update(file_digest(cache_dir / name).encode())
@@ -66,12 +66,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(path: Path, *, fingerprint: str, epoch: int, history: list[dict[str, float]], model: torch.nn.Module,
-         step_state: dict[str, Any], model_params: ModelParams, t: TrainParams) -> None:
+         step_state: dict[str, Any], model_params: ModelParams, train_params: TrainParams) -> None:
     with atomic_path(path) as tmp:
         torch.save({
             "fingerprint": fingerprint, "epoch": epoch, "history": history,
             "model": model.state_dict(), "step": step_state, "rng": rng_state(),
-            "params": {"model": model_params.model_dump(), "train": t.model_dump()},
+            "params": {"model": model_params.model_dump(), "train": train_params.model_dump()},
         }, tmp)
 
 

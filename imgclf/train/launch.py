@@ -77,32 +77,32 @@ def read_params(path: Path, args: argparse.Namespace) -> Params:
     return params
 
 
-def needs_torchrun(t: TrainParams) -> bool:
+def needs_torchrun(train_params: TrainParams) -> bool:
     """Whether this process must start torchrun (rather than train): several processes
     asked for, and not already a torchrun worker."""
-    return t.nodes * t.processes > 1 and "LOCAL_RANK" not in os.environ
+    return train_params.nodes * train_params.processes > 1 and "LOCAL_RANK" not in os.environ
 
 
-def rendezvous_id(model_params: ModelParams, t: TrainParams) -> str:
+def rendezvous_id(model_params: ModelParams, train_params: TrainParams) -> str:
     """Short hash of the model and train params: nodes meet only if their params agree."""
-    h = hashlib.sha256((model_params.model_dump_json() + t.model_dump_json()).encode())
+    h = hashlib.sha256((model_params.model_dump_json() + train_params.model_dump_json()).encode())
     return f"imgclf-{h.hexdigest()[:12]}"
 
 
-def torchrun_args(model_params: ModelParams, t: TrainParams, *, join: bool) -> list[str]:
+def torchrun_args(model_params: ModelParams, train_params: TrainParams, *, join: bool) -> list[str]:
     """torchrun's options (the script and its arguments follow them)."""
-    if t.nodes == 1:
-        return ["--standalone", f"--nproc-per-node={t.processes}"]
-    conf = f"is_host={'false' if join else 'true'},join_timeout={t.dist_timeout},read_timeout={t.dist_timeout}"
+    if train_params.nodes == 1:
+        return ["--standalone", f"--nproc-per-node={train_params.processes}"]
+    conf = f"is_host={'false' if join else 'true'},join_timeout={train_params.dist_timeout},read_timeout={train_params.dist_timeout}"
     return [
-        f"--nnodes={t.nodes}", f"--nproc-per-node={t.processes}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}",
-        f"--rdzv-id={rendezvous_id(model_params, t)}", f"--rdzv-conf={conf}",
+        f"--nnodes={train_params.nodes}", f"--nproc-per-node={train_params.processes}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={train_params.rdzv_endpoint}",
+        f"--rdzv-id={rendezvous_id(model_params, train_params)}", f"--rdzv-conf={conf}",
         "--max-restarts=0",  # a lost node fails the run; the next run resumes from the checkpoint
     ]
 
 
-def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: list[str], *, join: bool) -> None:
+def launch(model_params: ModelParams, train_params: TrainParams, script: str, script_args: list[str], *, join: bool) -> None:
     """Run ``script`` under torchrun as this node's ``train.processes`` workers; returns when
     they are done, or raises with one line saying why not."""
     # c10d's C++ side logs a store it cannot reach with a stack trace, and the exception below
@@ -115,14 +115,14 @@ def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: 
 
     if quieted:
         del os.environ["TORCH_CPP_LOG_LEVEL"]
-    args = torchrun_args(model_params, t, join=join) + [script, *script_args]
-    if t.nodes == 1:
-        log.info("starting %d training processes with torchrun", t.processes)
+    args = torchrun_args(model_params, train_params, join=join) + [script, *script_args]
+    if train_params.nodes == 1:
+        log.info("starting %d training processes with torchrun", train_params.processes)
     else:
         log.info("%s the %d-node rendezvous %s at %s with %d training process%s; waiting up to %d s for "
                  "the other nodes (`python stages/train.py --join` there)",
-                 "joining" if join else "hosting", t.nodes, rendezvous_id(model_params, t), t.rdzv_endpoint,
-                 t.processes, "es" if t.processes > 1 else "", t.dist_timeout)
+                 "joining" if join else "hosting", train_params.nodes, rendezvous_id(model_params, train_params), train_params.rdzv_endpoint,
+                 train_params.processes, "es" if train_params.processes > 1 else "", train_params.dist_timeout)
     os.environ[FIRST_NODE_ENV] = "0" if join else "1"  # the workers inherit it
     # torchrun's agent logs each step of its work, and a failed worker as a report; the
     # worker prints its own one-line error, and the exceptions below are turned into one.
@@ -130,14 +130,14 @@ def launch(model_params: ModelParams, t: TrainParams, script: str, script_args: 
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    where = f"train.rdzv_endpoint = {t.rdzv_endpoint}"
+    where = f"train.rdzv_endpoint = {train_params.rdzv_endpoint}"
     with tempfile.TemporaryDirectory(prefix="imgclf-launch-") as tmp:
         started = Path(tmp) / "started"
         os.environ[STARTED_ENV] = str(started)
-        _run(torchrun, args, model_params, t, join=join, where=where, started=started)
+        _run(torchrun, args, model_params, train_params, join=join, where=where, started=started)
 
 
-def _run(torchrun, args: list[str], model_params: ModelParams, t: TrainParams, *, join: bool, where: str,
+def _run(torchrun, args: list[str], model_params: ModelParams, train_params: TrainParams, *, join: bool, where: str,
          started: Path) -> None:
     """torchrun's main, its failures turned into one line (or none where a worker printed one)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -159,8 +159,8 @@ def _run(torchrun, args: list[str], model_params: ModelParams, t: TrainParams, *
         raise SystemExit(130) from None
     except RendezvousTimeoutError:
         raise PipelineError(
-            f"the {t.nodes} nodes did not all join the rendezvous {rendezvous_id(model_params, t)} at "
-            f"{t.rdzv_endpoint} within train.dist_timeout = {t.dist_timeout} s. Start `python stages/train.py "
+            f"the {train_params.nodes} nodes did not all join the rendezvous {rendezvous_id(model_params, train_params)} at "
+            f"{train_params.rdzv_endpoint} within train.dist_timeout = {train_params.dist_timeout} s. Start `python stages/train.py "
             "--join` on the other nodes, at the same commit and with the same model and train params (the id "
             "is their hash; the log line above shows it on each node)"
         ) from None

@@ -57,7 +57,7 @@ class Run:
     """Everything one training run holds between its phases."""
 
     model_params: ModelParams
-    t: TrainParams
+    train_params: TrainParams
     dist: Distributed
     device: torch.device
     amp: torch.dtype | None
@@ -79,7 +79,7 @@ class Run:
         return self.batch // self.dist.world
 
 
-def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[str, Any]:
+def train(model_params: ModelParams, train_params: TrainParams, paths: TrainPaths) -> dict[str, Any]:
     """Train per params; resume from ``paths.checkpoint`` if it matches; return the metrics.
 
     Under ``torchrun`` (``train.nodes`` x ``train.processes`` > 1) each process takes an
@@ -87,71 +87,71 @@ def train(model_params: ModelParams, t: TrainParams, paths: TrainPaths) -> dict[
     synchronised over the global batch and DistributedDataParallel averages the gradients;
     rank 0 (the first node's first process) alone evaluates and writes files.
     """
-    run = set_up(model_params, t, paths.cache_dir)
+    run = set_up(model_params, train_params, paths.cache_dir)
     start_epoch, history = resume(run, paths.checkpoint)
     x_train = run.cache.train.images.to(run.device)
     y_train = run.cache.train.labels.to(run.device)
-    augmenter = Augmenter(x_train, crop_padding=t.augment.crop_padding, flip=t.augment.flip, seed=t.seed)
+    augmenter = Augmenter(x_train, crop_padding=train_params.augment.crop_padding, flip=train_params.augment.flip, seed=train_params.seed)
     epoch_log = EpochLog(paths.curve_out, paths.log_dir, paths.live_dir, history) if run.dist.is_main else None
     if epoch_log is not None and epoch_log.tensorboard is not None:
         _log_start(epoch_log.tensorboard, run, augmenter)  # before the wrap: the graph of the plain model
     forward = run.dist.wrap(run.trainee.model)
-    run.trainee.step.forward = torch.compile(forward) if t.compile else forward
+    run.trainee.step.forward = torch.compile(forward) if train_params.compile else forward
     _log_plan(run)
     try:
-        for epoch in range(start_epoch, t.epochs):
+        for epoch in range(start_epoch, train_params.epochs):
             row = one_epoch(run, epoch, augmenter, y_train)
             if row is not None:
                 history.append(row)
                 epoch_log.add(row)
                 checkpoint.save(paths.checkpoint, fingerprint=run.fingerprint, epoch=epoch, history=history,
                                 model=run.trainee.model, step_state=run.trainee.step.state_dict(),
-                                model_params=model_params, t=t)
+                                model_params=model_params, train_params=train_params)
             run.dist.barrier()
     except Exception as e:
         if run.dist.world == 1 or not is_lost_peer(e):
             raise
         if run.dist.local_rank != 0:
             raise SystemExit(1) from None  # the same news for every process of a node: one says it
-        raise lost_peer_error(e, t.dist_timeout, paths.checkpoint) from None
+        raise lost_peer_error(e, train_params.dist_timeout, paths.checkpoint) from None
     if epoch_log is not None:
         epoch_log.close()
     return finish(run, history, paths)
 
 
-def set_up(model_params: ModelParams, t: TrainParams, cache_dir: Path) -> Run:
+def set_up(model_params: ModelParams, train_params: TrainParams, cache_dir: Path) -> Run:
     """Processes, device, precision and threads; the data; a fresh seeded model and step."""
     registry.check_arch(model_params.arch)  # a typo fails before any data is read
     meta = load_meta(cache_dir)  # the image size the preprocess stage chose
-    check_fits(model_params, t, image_size=int(meta["image_size"]), num_classes=len(meta["classes"]),
+    check_fits(model_params, train_params, image_size=int(meta["image_size"]), num_classes=len(meta["classes"]),
                source=Path(cache_dir) / META_FILE)
     # The backend follows the training device: gloo for the CPU even where CUDA exists.
-    dist = Distributed.from_env(resolve_device(t.device), timeout=t.dist_timeout)
+    dist = Distributed.from_env(resolve_device(train_params.device), timeout=train_params.dist_timeout)
     device = dist.device
-    threads = configure_threads(t.threads or dist.cpu_threads_per_process())
-    amp = resolve_precision(t.precision, device)
-    cache, fingerprint = _load_data(dist, model_params, t, cache_dir)
+    threads = configure_threads(train_params.threads or dist.cpu_threads_per_process())
+    amp = resolve_precision(train_params.precision, device)
+    cache, fingerprint = _load_data(dist, model_params, train_params, cache_dir)
     val = None
-    if t.val_fraction:
-        cache.train, val = hold_out(cache.train, t.val_fraction)
+    if train_params.val_fraction:
+        cache.train, val = hold_out(cache.train, train_params.val_fraction)
         if len(cache.train) == 0 or len(val) == 0:
-            raise PipelineError(f"train.val_fraction = {t.val_fraction} of {len(cache.train) + len(val)} training "
+            raise PipelineError(f"train.val_fraction = {train_params.val_fraction} of {len(cache.train) + len(val)} training "
                                 f"images leaves {len(cache.train)} to train on and {len(val)} to validate on")
     n = len(cache.train)
     # Drop the last incomplete batch (as DataLoader(drop_last=True)), unless it is the only one.
-    batch = min(t.batch_size, n)
+    batch = min(train_params.batch_size, n)
     if batch % dist.world:
         raise PipelineError(f"train.batch_size = {batch} must be a multiple of the {dist.world} processes")
-    random.seed(t.seed)
-    np.random.seed(t.seed % 2**32)
-    trainee = build_trainee(model_params, t, num_classes=len(cache.classes), image_size=cache.image_size,
+    random.seed(train_params.seed)
+    np.random.seed(train_params.seed % 2**32)
+    trainee = build_trainee(model_params, train_params, num_classes=len(cache.classes), image_size=cache.image_size,
                             mean=cache.mean, std=cache.std, device=device, amp=amp, steps_per_epoch=n // batch,
                             init_images=cache.train.images)
     flops = train_flops_per_image(model_params, num_classes=len(cache.classes), image_size=cache.image_size)
-    return Run(model_params, t, dist, device, amp, threads, cache, val, batch, n // batch, trainee, fingerprint, flops)
+    return Run(model_params, train_params, dist, device, amp, threads, cache, val, batch, n // batch, trainee, fingerprint, flops)
 
 
-def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cache_dir: Path) -> tuple[Cache, str]:
+def _load_data(dist: Distributed, model_params: ModelParams, train_params: TrainParams, cache_dir: Path) -> tuple[Cache, str]:
     """The cache and the run's fingerprint (params and data bytes). Each node reads its own
     copy of the cache, so the processes check that they all hold the same one."""
     try:
@@ -160,7 +160,7 @@ def _load_data(dist: Distributed, model_params: ModelParams, t: TrainParams, cac
             raise PipelineError(f"{cache_dir}: the train split is empty")
         # Where the rendezvous is and how long to wait do not change what is computed: a run
         # resumed with another endpoint (say, another first node) keeps its checkpoint.
-        fp = checkpoint.fingerprint(model_params, t.model_copy(update={"rdzv_endpoint": "", "dist_timeout": 0}),
+        fp = checkpoint.fingerprint(model_params, train_params.model_copy(update={"rdzv_endpoint": "", "dist_timeout": 0}),
                                     cache_dir)
         problem = None
     except PipelineError as e:
@@ -195,26 +195,26 @@ def resume(run: Run, path: Path) -> tuple[int, list[dict[str, float]]]:
     run.trainee.step.load_state_dict(ckpt["step"])
     checkpoint.set_rng_state(ckpt["rng"])
     start = ckpt["epoch"] + 1
-    log.info("resuming from %s: epoch %d of %d done", path, start, run.t.epochs)
+    log.info("resuming from %s: epoch %d of %d done", path, start, run.train_params.epochs)
     return start, ckpt["history"]
 
 
 def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor) -> dict[str, float] | None:
     """Train one epoch and (rank 0) measure it on the validation images (``train.val_fraction``;
     the test split is the evaluate stage's alone); other ranks return None."""
-    t, dist, trainee = run.t, run.dist, run.trainee
+    train_params, dist, trainee = run.train_params, run.dist, run.trainee
     # Every clock read follows a synchronize: on a GPU the epoch's seconds are the time its
     # work took on the device, not the time Python took to queue it.
     synchronize(run.device)
     t0 = time.perf_counter()
     # Every process draws the same permutation and augmentation, then takes its share.
-    gen = torch.Generator(run.device).manual_seed(t.seed * 100_003 + epoch)
+    gen = torch.Generator(run.device).manual_seed(train_params.seed * 100_003 + epoch)
     trainee.model.train()
     batches = epoch_batches(augmenter, y_train, batch=run.batch, steps=run.steps_per_epoch, generator=gen,
                             memory_format=trainee.memory_format, offset=dist.rank * run.share, share=run.share,
                             epoch=epoch)
     losses, correct = run_steps(trainee.step, batches, run.steps_per_epoch, epoch=epoch, reduce=dist.mean,
-                                desc=f"epoch {epoch + 1}/{t.epochs}" if dist.is_main else None)
+                                desc=f"epoch {epoch + 1}/{train_params.epochs}" if dist.is_main else None)
     epoch_losses, epoch_correct = dist.mean(losses), dist.sum(correct)
     synchronize(run.device)
     seconds_train = time.perf_counter() - t0
@@ -223,7 +223,7 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
     val_loss = val_acc = None
     if run.val is not None:
         logits = predict_logits(trainee.model, run.val.images, batch_size=1000, device=run.device, amp=run.amp,
-                                channels_last=t.channels_last)
+                                channels_last=train_params.channels_last)
         val_loss = nn.functional.cross_entropy(logits, run.val.labels).item()
         val_acc = (logits.argmax(1) == run.val.labels).float().mean().item()
     synchronize(run.device)
@@ -241,7 +241,7 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
     }
     log.info(
         "epoch %d/%d  train loss %.4f acc %.4f%s  lr %.4g  %.0f img/s  %.1f s",
-        row["epoch"], t.epochs, row["train_loss"], row["train_acc"],
+        row["epoch"], train_params.epochs, row["train_loss"], row["train_acc"],
         f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if run.val is not None else "",
         row["lr"], row["images_per_s"], row["seconds"],
     )
@@ -253,23 +253,23 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
     if not run.dist.is_main:
         run.dist.close()
         return {}
-    t, cache = run.t, run.cache
+    train_params, cache = run.train_params, run.cache
     model = run.trainee.model.to("cpu", memory_format=torch.contiguous_format).eval()
     bundle = make_bundle(model, arch=run.model_params.arch, arch_args=run.trainee.arch_args, classes=cache.classes,
                          mean=cache.mean, std=cache.std, image_size=cache.image_size)
-    bundle["training"] = {"epochs": t.epochs, "device": str(run.device), "processes": run.dist.world,
+    bundle["training"] = {"epochs": train_params.epochs, "device": str(run.device), "processes": run.dist.world,
                           "nodes": run.dist.nodes,
                           "precision": "fp32" if run.amp is None else str(run.amp).removeprefix("torch.")}
     with atomic_path(paths.model_out) as tmp:
         torch.save(bundle, tmp)
     last = history[-1]
     seconds = sum(r["seconds"] for r in history)
-    flops = run.flops_per_image * run.images_per_epoch * t.epochs  # the whole run's, resumed epochs included
+    flops = run.flops_per_image * run.images_per_epoch * train_params.epochs  # the whole run's, resumed epochs included
     metrics = {
         "train_loss": round(last["train_loss"], 6),
         "train_acc": round(last["train_acc"], 6),
         **({"val_loss": round(last["val_loss"], 6), "val_acc": round(last["val_acc"], 6)} if run.val is not None else {}),
-        "epochs": t.epochs,
+        "epochs": train_params.epochs,
         "train_images": len(cache.train),
         "val_images": len(run.val) if run.val is not None else 0,
         "train_seconds": round(seconds, 2),
@@ -309,7 +309,7 @@ def _log_plan(run: Run) -> None:
 def _log_start(writer, run: Run, augmenter: Augmenter) -> None:
     """A grid of augmented training images and the model's graph (tutorial §3)."""
     n = min(64, len(run.cache.train))
-    sample = augmenter(torch.arange(n, device=run.device), torch.Generator(run.device).manual_seed(run.t.seed))
+    sample = augmenter(torch.arange(n, device=run.device), torch.Generator(run.device).manual_seed(run.train_params.seed))
     writer.add_images("train/augmented samples", sample.cpu(), 0, dataformats="NCHW")
     graph_model = copy.deepcopy(run.trainee.model).float().cpu().eval()  # tracing must not touch BN stats
     with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated

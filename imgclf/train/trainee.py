@@ -1,4 +1,5 @@
-"""One training step and one epoch of batches: what ``train()`` and the benchmark share.
+"""The trainee (the model being trained, with its optimiser, schedule, scaler and loss), its
+step, and one epoch of batches: what ``train()`` and the benchmark share.
 
 :func:`build_trainee` is the one place a model and its optimiser, schedule, scaler and loss
 are made from params, so the benchmark measures exactly the step the train stage takes.
@@ -24,36 +25,36 @@ from .augment import Augmenter
 from .lookahead import Lookahead
 
 
-def make_optimizer(model: nn.Module, t: TrainParams) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, train_params: TrainParams) -> torch.optim.Optimizer:
     # No weight decay on norm layers' scales and on biases: decaying them only fights BN.
     # They learn at train.bias_lr_scale x the rate of the weights (LambdaLR scales each group's own).
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0, "lr": t.lr * t.bias_lr_scale}]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
+    groups = [{"params": decay, "weight_decay": train_params.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0, "lr": train_params.lr * train_params.bias_lr_scale}]
+    if train_params.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_params.lr, momentum=train_params.momentum, nesterov=train_params.nesterov and train_params.momentum > 0)
     # Adam's weight_decay is L2 added to the gradient; AdamW's is decoupled (Loshchilov & Hutter).
-    cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=t.lr)
+    cls = torch.optim.Adam if train_params.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=train_params.lr)
 
 
-def lr_factor(t: TrainParams, step: int, total: int, steps_per_epoch: int) -> float:
+def lr_factor(train_params: TrainParams, step: int, total: int, steps_per_epoch: int) -> float:
     """Multiplier of train.lr at optimiser step ``step`` of ``total``."""
-    if t.schedule == "constant":
+    if train_params.schedule == "constant":
         return 1.0
-    if t.schedule == "onecycle":
+    if train_params.schedule == "onecycle":
         # Linear warm-up over the first 25% to the peak, then linear decay to zero: the
         # shape of the fast CIFAR-10 schedules (a triangle, as in the DAWNBench ResNet-9).
         peak = max(1, int(0.25 * total))
         return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
-    warm = int(t.warmup_epochs * steps_per_epoch)
+    warm = int(train_params.warmup_epochs * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
-    if t.schedule == "cosine":
+    if train_params.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     return max(0.0, 1 - progress)  # linear
 
@@ -100,16 +101,16 @@ class TrainStep:
             self.lookahead.load_state_dict(state["lookahead"])
 
 
-def make_step(model: nn.Module, t: TrainParams, device: torch.device, amp: torch.dtype | None,
+def make_step(model: nn.Module, train_params: TrainParams, device: torch.device, amp: torch.dtype | None,
               total_steps: int, steps_per_epoch: int) -> TrainStep:
     """The optimiser, schedule, scaler and loss of ``t`` around ``model``."""
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, train_params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(t, s, total_steps, steps_per_epoch)
+        optimizer, lambda s: lr_factor(train_params, s, total_steps, steps_per_epoch)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    lookahead = Lookahead(model, total_steps) if t.lookahead else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=train_params.label_smoothing)
+    lookahead = Lookahead(model, total_steps) if train_params.lookahead else None
     return TrainStep(model, optimizer, scheduler, scaler, criterion, device, amp, lookahead)
 
 
@@ -123,19 +124,19 @@ class Trainee:
     memory_format: torch.memory_format
 
 
-def build_trainee(model_params: ModelParams, t: TrainParams, *, num_classes: int, image_size: int,
+def build_trainee(model_params: ModelParams, train_params: TrainParams, *, num_classes: int, image_size: int,
                   mean: list[float], std: list[float], device: torch.device, amp: torch.dtype | None,
                   steps_per_epoch: int, init_images: torch.Tensor | None = None) -> Trainee:
     """The model of ``model_params`` (seeded by ``train.seed``; its data-fitted layers, if any,
     fitted to ``init_images``) on ``device`` in the memory format of ``train.channels_last``,
     with the step of ``t`` for ``train.epochs`` epochs."""
-    torch.manual_seed(t.seed)
+    torch.manual_seed(train_params.seed)
     args = registry.arch_args(model_params, num_classes=num_classes, image_size=image_size)
-    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if train_params.channels_last else torch.contiguous_format
     model = registry.build(model_params.arch, args, mean, std).to(device, memory_format=fmt)
     if init_images is not None:
         model.fit_to_data(init_images)
-    step = make_step(model, t, device, amp, steps_per_epoch * t.epochs, steps_per_epoch)
+    step = make_step(model, train_params, device, amp, steps_per_epoch * train_params.epochs, steps_per_epoch)
     return Trainee(model, args, step, fmt)
 
 
