@@ -14,7 +14,10 @@ each row and holds a measured table.
 No stage imports this package, so bench-only code (the classic DataLoader path, timing, the
 report) lives here and changing it reruns nothing:
 
-- :mod:`.feeders`: the recipes and the three ways of feeding one training step;
+- :mod:`.feeders`: the recipes and the three ways of feeding one training step (and the
+  tutorial's per-image transform, which the classic way uses);
+- :mod:`.cifar_writer`: writes the official CIFAR-10 archive (the bench's synthetic data; the
+  tests and tools use it too);
 - :mod:`.timing`: clocks, repeats, FLOP counts and peaks;
 - :mod:`.machine`: what the machine is and how busy it is;
 - :mod:`.rows`: which throughput rows are measured, and the ratios between them;
