@@ -103,7 +103,8 @@ def pipeline_feeder(tr: Trainee, train_params: TrainParams, x_train: torch.Tenso
     device, then slice batches. A timed repeat of k steps is an epoch of k batches, so the
     per-epoch augmentation is paid in proportion, as in a full epoch."""
     n, b = len(x_train), train_params.batch_size
-    augmenter = Augmenter(x_train, crop_padding=train_params.augment.crop_padding, flip=train_params.augment.flip, seed=train_params.seed)
+    augmenter = Augmenter(x_train, crop_padding=train_params.augment.crop_padding, flip=train_params.augment.flip,
+                          seed=train_params.seed)
 
     def run(steps: int) -> int:
         done = 0

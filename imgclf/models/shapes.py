@@ -24,7 +24,8 @@ from ..core.params import ModelParams, TrainParams
 from . import registry
 
 
-def check_fits(model_params: ModelParams, train_params: TrainParams, *, image_size: int, num_classes: int, source: Path) -> None:
+def check_fits(model_params: ModelParams, train_params: TrainParams, *, image_size: int, num_classes: int,
+               source: Path) -> None:
     """Refuse, before any training, params that pass the schema but cannot work at this image
     size: a crop padding reflect padding cannot make, an architecture whose forward pass
     would fail."""

@@ -93,7 +93,8 @@ def torchrun_args(model_params: ModelParams, train_params: TrainParams, *, join:
     """torchrun's options (the script and its arguments follow them)."""
     if train_params.nodes == 1:
         return ["--standalone", f"--nproc-per-node={train_params.processes}"]
-    conf = f"is_host={'false' if join else 'true'},join_timeout={train_params.dist_timeout},read_timeout={train_params.dist_timeout}"
+    timeout = train_params.dist_timeout
+    conf = f"is_host={'false' if join else 'true'},join_timeout={timeout},read_timeout={timeout}"
     return [
         f"--nnodes={train_params.nodes}", f"--nproc-per-node={train_params.processes}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={train_params.rdzv_endpoint}",
@@ -102,7 +103,8 @@ def torchrun_args(model_params: ModelParams, train_params: TrainParams, *, join:
     ]
 
 
-def launch(model_params: ModelParams, train_params: TrainParams, script: str, script_args: list[str], *, join: bool) -> None:
+def launch(model_params: ModelParams, train_params: TrainParams, script: str, script_args: list[str], *,
+           join: bool) -> None:
     """Run ``script`` under torchrun as this node's ``train.processes`` workers; returns when
     they are done, or raises with one line saying why not."""
     # c10d's C++ side logs a store it cannot reach with a stack trace, and the exception below
@@ -121,7 +123,8 @@ def launch(model_params: ModelParams, train_params: TrainParams, script: str, sc
     else:
         log.info("%s the %d-node rendezvous %s at %s with %d training process%s; waiting up to %d s for "
                  "the other nodes (`python stages/train.py --join` there)",
-                 "joining" if join else "hosting", train_params.nodes, rendezvous_id(model_params, train_params), train_params.rdzv_endpoint,
+                 "joining" if join else "hosting", train_params.nodes, rendezvous_id(model_params, train_params),
+                 train_params.rdzv_endpoint,
                  train_params.processes, "es" if train_params.processes > 1 else "", train_params.dist_timeout)
     os.environ[FIRST_NODE_ENV] = "0" if join else "1"  # the workers inherit it
     # torchrun's agent logs each step of its work, and a failed worker as a report; the

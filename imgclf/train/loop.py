@@ -91,7 +91,8 @@ def train(model_params: ModelParams, train_params: TrainParams, paths: TrainPath
     start_epoch, history = resume(run, paths.checkpoint)
     x_train = run.cache.train.images.to(run.device)
     y_train = run.cache.train.labels.to(run.device)
-    augmenter = Augmenter(x_train, crop_padding=train_params.augment.crop_padding, flip=train_params.augment.flip, seed=train_params.seed)
+    augmenter = Augmenter(x_train, crop_padding=train_params.augment.crop_padding, flip=train_params.augment.flip,
+                          seed=train_params.seed)
     epoch_log = EpochLog(paths.curve_out, paths.log_dir, paths.live_dir, history) if run.dist.is_main else None
     if epoch_log is not None and epoch_log.tensorboard is not None:
         _log_start(epoch_log.tensorboard, run, augmenter)  # before the wrap: the graph of the plain model
@@ -148,10 +149,12 @@ def set_up(model_params: ModelParams, train_params: TrainParams, cache_dir: Path
                             mean=cache.mean, std=cache.std, device=device, amp=amp, steps_per_epoch=n // batch,
                             init_images=cache.train.images)
     flops = train_flops_per_image(model_params, num_classes=len(cache.classes), image_size=cache.image_size)
-    return Run(model_params, train_params, dist, device, amp, threads, cache, val, batch, n // batch, trainee, fingerprint, flops)
+    return Run(model_params, train_params, dist, device, amp, threads, cache, val, batch, n // batch, trainee, fingerprint,
+               flops)
 
 
-def _load_data(dist: Distributed, model_params: ModelParams, train_params: TrainParams, cache_dir: Path) -> tuple[Cache, str]:
+def _load_data(dist: Distributed, model_params: ModelParams, train_params: TrainParams,
+               cache_dir: Path) -> tuple[Cache, str]:
     """The cache and the run's fingerprint (params and data bytes). Each node reads its own
     copy of the cache, so the processes check that they all hold the same one."""
     try:

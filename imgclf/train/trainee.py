@@ -35,7 +35,8 @@ def make_optimizer(model: nn.Module, train_params: TrainParams) -> torch.optim.O
     groups = [{"params": decay, "weight_decay": train_params.weight_decay},
               {"params": no_decay, "weight_decay": 0.0, "lr": train_params.lr * train_params.bias_lr_scale}]
     if train_params.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train_params.lr, momentum=train_params.momentum, nesterov=train_params.nesterov and train_params.momentum > 0)
+        return torch.optim.SGD(groups, lr=train_params.lr, momentum=train_params.momentum,
+                               nesterov=train_params.nesterov and train_params.momentum > 0)
     # Adam's weight_decay is L2 added to the gradient; AdamW's is decoupled (Loshchilov & Hutter).
     cls = torch.optim.Adam if train_params.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=train_params.lr)
