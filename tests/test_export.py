@@ -216,7 +216,7 @@ def test_a_whole_model_pickled_before_the_package_split_still_loads(tmp_path, ar
                     data = data.replace(a, b)
                 assert b"imgclf.tta\n" in data and b"imgclf.models\n" in data
             dst.writestr(info, data)
-    with pytest.raises(AttributeError):  # what plain unpickling says of the old names
+    with pytest.raises((ImportError, AttributeError)):  # plain unpickling: no such module, or no such class in it
         torch.load(old, weights_only=False)
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     loaded = load_whole_model(old)
