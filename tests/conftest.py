@@ -16,7 +16,7 @@ import torch
 
 from imgclf.bench.cifar_writer import write_archive
 
-from helpers import CLASSES, Project, make_split, new_project
+from helpers import CLASSES, Project, copy_of, make_split, new_project
 
 
 def pytest_collection_modifyitems(config, items):
@@ -75,15 +75,11 @@ def project(tmp_path, http_server, cifar_archive) -> Project:
 @pytest.fixture(scope="session")
 def reproduced_template(tmp_path_factory, http_server, cifar_archive) -> Path:
     """The `project` fixture's project after one `dvc repro`, committed: built once a session."""
-    proj = new_project(tmp_path_factory.mktemp("reproduced") / "proj", http_server, cifar_archive)
-    proj.dvc("repro")
-    proj.git("add", "-A")
-    proj.git("commit", "-q", "-m", "reproduced")
-    return proj.path
+    return new_project(tmp_path_factory.mktemp("reproduced") / "proj", http_server, cifar_archive).reproduce_and_commit()
 
 
 @pytest.fixture
 def reproduced(reproduced_template, tmp_path) -> Project:
     """Like `project`, after `dvc repro`: a copy of its workspace, git history and DVC cache, so
     a test that starts from an up-to-date pipeline does not train its own. Nothing is out of date."""
-    return Project(shutil.copytree(reproduced_template, tmp_path / "proj", symlinks=True))
+    return copy_of(reproduced_template, tmp_path / "proj")

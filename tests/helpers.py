@@ -111,6 +111,13 @@ class Project:
                     p[section][k] = v
         (self.path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
+    def reproduce_and_commit(self) -> Path:
+        """`dvc repro`, then everything committed: a template for tests to copy (`copy_of`)."""
+        self.dvc("repro")
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", "reproduced")
+        return self.path
+
     def ran_stages(self, proc: subprocess.CompletedProcess) -> list[str]:
         """Names of the stages `dvc repro` actually ran (from its output)."""
         return [
@@ -118,6 +125,11 @@ class Project:
             for line in proc.stdout.splitlines()
             if line.startswith("Running stage '")
         ]
+
+
+def copy_of(template: Path, dst: Path) -> Project:
+    """A copy of a project folder as it stands: workspace, git history and DVC cache."""
+    return Project(shutil.copytree(template, dst, symlinks=True))
 
 
 def copy_project(dst: Path) -> Path:

@@ -30,7 +30,7 @@ from imgclf.core.files import file_digest
 from imgclf.core.params import ModelParams, TrainParams
 from imgclf.train import checkpoint
 
-from helpers import FAST_EXPORT, FAST_TRAIN, Project, copy_project, default_sigint, run_env
+from helpers import FAST_EXPORT, FAST_TRAIN, Project, copy_of, copy_project, default_sigint, run_env
 
 EPOCHS = 8  # long enough to interrupt after the first checkpoint, mid-run
 OUTPUTS = ["models/trained.pt", "models/model.pt", "models/model_state.pt", "metrics/export.json"]
@@ -43,17 +43,13 @@ def trained(tmp_path_factory, cifar_archive) -> Project:
     proj.set_params(download={"url": str(cifar_archive), "md5": file_digest(cifar_archive)},
                     train=FAST_TRAIN | {"epochs": EPOCHS}, export=FAST_EXPORT)
     proj.git("init", "-q", "-b", "main")
-    proj.dvc("repro")
-    proj.git("add", "-A")
-    proj.git("commit", "-qm", "trained")
+    proj.reproduce_and_commit()
     return proj
 
 
 def clone(base: Project, tmp_path: Path) -> Project:
     """A copy of the trained project (workspace, git, DVC cache) to break."""
-    dst = tmp_path / "proj"
-    shutil.copytree(base.path, dst, symlinks=True)
-    return Project(dst)
+    return copy_of(base.path, tmp_path / "proj")
 
 
 def weights(proj: Project) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import pytest
 
 from imgclf.core.files import file_digest
 
-from helpers import Project, new_project, run_env
+from helpers import Project, copy_of, new_project, run_env
 
 # A class folder's name may hold a comma and a quote: metrics/predictions.csv must quote it.
 RED = 'red, "big"'
@@ -59,16 +59,12 @@ def own_project(project):
 @pytest.fixture(scope="module")
 def own_template(tmp_path_factory, http_server, cifar_archive) -> Path:
     """An own-folder project after one `dvc repro`, committed: built once for this module."""
-    proj = use_own_folder(new_project(tmp_path_factory.mktemp("own") / "proj", http_server, cifar_archive))
-    proj.dvc("repro")
-    proj.git("add", "-A")
-    proj.git("commit", "-q", "-m", "reproduced")
-    return proj.path
+    return use_own_folder(new_project(tmp_path_factory.mktemp("own") / "proj", http_server, cifar_archive)).reproduce_and_commit()
 
 
 @pytest.fixture
 def own_reproduced(own_template, tmp_path) -> Project:
-    return Project(shutil.copytree(own_template, tmp_path / "proj", symlinks=True))
+    return copy_of(own_template, tmp_path / "proj")
 
 
 def test_image_folder_runs_the_whole_pipeline_and_rerun_rules(own_project):
