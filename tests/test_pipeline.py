@@ -187,6 +187,7 @@ def test_experiments_show_their_own_params_and_metrics(reproduced):
     assert set(rows) == {"train.lr=0.005", "train.lr=0.05"}, out
     assert rows["train.lr=0.005"][1:4] == ["2", "0, 1", f"{mean:.2%} ± {std:.2%}"], out
     assert rows["train.lr=0.05"][1:3] == ["1", "0"], out
+    assert "±" not in rows["train.lr=0.05"][3], out  # one run: its value, no made-up spread
 
     # DVC refuses `-S train.lrr=0.1` itself (no such key); `+train.lrr` adds it, and then
     # the params schema fails the experiment, naming the key.

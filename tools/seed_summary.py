@@ -7,7 +7,7 @@
 Experiments whose params are equal except the varied key form one row: how many runs, the
 test accuracy (``metrics/eval.json``), the training compute (``train_pflop``), the training
 seconds and the sustained TFLOP/s (``metrics/train.json``), each as mean ± sample standard
-deviation. Failed and queued experiments, which have no metrics, are left out and counted.
+deviation (a row of one run gives its value alone: one run has no spread). Failed and queued experiments, which have no metrics, are left out and counted.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def summarise(runs: list[dict[str, Any]], vary: str) -> list[dict[str, Any]]:
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean, and the sample standard deviation: None for one run, which has no spread."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def format_table(groups: list[dict[str, Any]], vary: str) -> str:
@@ -84,7 +85,7 @@ def format_table(groups: list[dict[str, Any]], vary: str) -> str:
                  str(len(g["names"])), ", ".join(map(str, sorted(g["varied"], key=str)))]
         for _, k, _, fmt in COLUMNS:
             m, s = mean_std(g["values"][k])
-            cells.append(f"{fmt.format(m)} ± {fmt.format(s)}")
+            cells.append(fmt.format(m) if s is None else f"{fmt.format(m)} ± {fmt.format(s)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
