@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from imgclf.bench.cifar_writer import write_archive
+from imgclf.core.params import PreprocessParams
+from imgclf.data.preprocess import preprocess
 
-from helpers import CLASSES, Project, copy_of, make_split, new_project
+from helpers import CLASSES, Project, copy_of, make_split, new_project, preprocessed_cache
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,6 +42,21 @@ def cifar_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cifar_archive(cifar_dir) -> Path:
     return cifar_dir / "cifar-10-python.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory, cifar_archive) -> Path:
+    """`cifar_archive` preprocessed: 200 training images (20 held out by default)."""
+    out = tmp_path_factory.mktemp("cache") / "processed"
+    preprocess(cifar_archive, out, PreprocessParams())
+    return out
+
+
+@pytest.fixture(scope="session")
+def learn_cache_dir(tmp_path_factory) -> Path:
+    """500 training images, for the tests that judge learning by val_acc: with val_fraction 0.2
+    100 are held out, so one image is 0.01 (on the 20 of `cache_dir` it would be 0.05)."""
+    return preprocessed_cache(tmp_path_factory.mktemp("learn"), 500)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -42,6 +42,19 @@ def make_split(n: int, seed: int, num_classes: int = 10, size: int = 32, noise: 
     return Split(images=images, labels=labels)
 
 
+def preprocessed_cache(folder: Path, train: int, *, noise: float = 20) -> Path:
+    """An official-format archive of ``train`` training and 50 test images (`make_split`) in
+    ``folder``, preprocessed with the default params: the cache folder, as train() reads it."""
+    from imgclf.bench.cifar_writer import write_archive
+    from imgclf.core.params import PreprocessParams
+    from imgclf.data.preprocess import preprocess
+
+    archive = folder / "cifar-10-python.tar.gz"
+    write_archive(archive, make_split(train, 0, noise=noise), make_split(50, 1, noise=noise), CLASSES)
+    preprocess(archive, folder / "processed", PreprocessParams())
+    return folder / "processed"
+
+
 def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz", links: dict[str, tuple[bytes, str]] | None = None) -> Path:
     """``links``: name -> (tarfile.SYMTYPE or LNKTYPE, target)."""
     with tarfile.open(path, mode) as tar:

@@ -19,8 +19,7 @@ import cv2
 import pytest
 import torch
 
-from imgclf.core.params import AugmentParams, EvaluateParams, ModelParams, PreprocessParams, TrainParams
-from imgclf.data.preprocess import preprocess
+from imgclf.core.params import AugmentParams, EvaluateParams, ModelParams, TrainParams
 from imgclf.models.bundle import load_state_dict_model
 from imgclf.models.runtime import predict_logits
 from imgclf.serve.evaluate import evaluate
@@ -34,13 +33,6 @@ pytestmark = pytest.mark.cuda
 
 DEVICE = "cuda"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, cifar_archive) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "processed"
-    preprocess(cifar_archive, out, PreprocessParams())
-    return out
 
 
 def run(cache_dir: Path, out: Path, model: ModelParams | None = None, **train_kw) -> dict:

@@ -10,17 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from imgclf.bench.cifar_writer import write_archive
-from imgclf.core.params import AugmentParams, ModelParams, PreprocessParams, TrainParams, parse_params
-from imgclf.data.preprocess import preprocess
+from imgclf.core.params import AugmentParams, ModelParams, TrainParams, parse_params
 from imgclf.models import registry as models
 from imgclf.models.whitened import Whitening, fit_whitening
 from imgclf.train.augment import Augmenter
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.loop import TrainPaths, train
 from imgclf.train.trainee import make_optimizer
-
-from helpers import CLASSES, make_split
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -129,15 +125,6 @@ def test_lookahead_pulls_back_harder_as_training_ends_and_ends_on_the_average():
     assert net.weight.item() == float(la.average["weight"]) == pytest.approx(d * early + (1 - d) * 10.0)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """500 training images; with val_fraction 0.2, 100 are held out (one image is 0.01)."""
-    d = tmp_path_factory.mktemp("cache")
-    write_archive(d / "cifar-10-python.tar.gz", make_split(500, 0), make_split(50, 1), CLASSES)
-    preprocess(d / "cifar-10-python.tar.gz", d / "processed", PreprocessParams())
-    return d / "processed"
-
-
 # The recipe's parts at a learning rate this tiny task trains stably with: at airbench's scale
 # (lr 0.4 here) seeds 0-11 ranged from 0.14 to 0.86 on these 100 held-out images; at 0.2 from
 # 0.67 to 0.84 (2-core Xeon, fp32). The bar sits 17 images below the lowest.
@@ -147,15 +134,15 @@ RECIPE = dict(epochs=4, batch_size=50, lr=0.2, momentum=0.85, weight_decay=0.005
 LEARNS = 0.5
 
 
-def run(cache_dir: Path, out: Path) -> tuple[dict, dict]:
+def run(learn_cache_dir: Path, out: Path) -> tuple[dict, dict]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = TrainPaths(cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None)
+    paths = TrainPaths(learn_cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None)
     metrics = train(ModelParams(arch="whitened_net", width=8), TrainParams(**RECIPE), paths)
     return metrics, torch.load(out / "model.pt", weights_only=True)["state_dict"]
 
 
-def test_the_speed_recipe_learns_and_an_interrupted_run_resumes_bit_for_bit(cache_dir, tmp_path, monkeypatch):
-    whole, whole_state = run(cache_dir, tmp_path / "whole")
+def test_the_speed_recipe_learns_and_an_interrupted_run_resumes_bit_for_bit(learn_cache_dir, tmp_path, monkeypatch):
+    whole, whole_state = run(learn_cache_dir, tmp_path / "whole")
     assert whole["val_images"] == 100 and whole["val_acc"] > LEARNS  # chance is 0.1
     assert whole["gflop_per_image"] > 0 and whole["train_pflop"] > 0
 
@@ -170,10 +157,10 @@ def test_the_speed_recipe_learns_and_an_interrupted_run_resumes_bit_for_bit(cach
 
     monkeypatch.setattr(train_module, "one_epoch", interrupted_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        run(cache_dir, tmp_path / "resumed")
+        run(learn_cache_dir, tmp_path / "resumed")
     assert (tmp_path / "resumed" / "ckpt.pt").exists()
     monkeypatch.setattr(train_module, "one_epoch", real_epoch)
-    resumed, resumed_state = run(cache_dir, tmp_path / "resumed")
+    resumed, resumed_state = run(learn_cache_dir, tmp_path / "resumed")
     assert resumed["val_acc"] == whole["val_acc"] and resumed["train_loss"] == whole["train_loss"]
     assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
 

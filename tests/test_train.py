@@ -10,20 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf.bench.cifar_writer import write_archive
 from imgclf.core.params import ModelParams, PreprocessParams, TrainParams
 from imgclf.data.preprocess import preprocess
 from imgclf.models.runtime import cpu_supports_bf16
 from imgclf.train.loop import TrainPaths, train
 
-from helpers import CLASSES, make_split
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, cifar_archive) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "processed"
-    preprocess(cifar_archive, out, PreprocessParams())
-    return out
+from helpers import preprocessed_cache
 
 
 def run(cache_dir: Path, out: Path, model: ModelParams | None = None, **train_kw) -> tuple[dict, dict]:
@@ -48,10 +40,7 @@ def test_same_params_and_seed_give_identical_results(cache_dir, tmp_path):
 def noisy_cache_dir(tmp_path_factory) -> Path:
     """2,000 training images whose class colours are buried in heavy noise, so that a 3-epoch
     run lands well below 100% and a difference in learning shows; half of them are held out."""
-    d = tmp_path_factory.mktemp("noisy")
-    write_archive(d / "cifar-10-python.tar.gz", make_split(2000, 0, noise=400), make_split(50, 1, noise=400), CLASSES)
-    preprocess(d / "cifar-10-python.tar.gz", d / "processed", PreprocessParams())
-    return d / "processed"
+    return preprocessed_cache(tmp_path_factory.mktemp("noisy"), 2000, noise=400)
 
 
 # bf16 vs fp32, each seed 0-4, 3 epochs, measured on a CPU with AMX (2-core Xeon): fp32 val_acc
@@ -71,16 +60,6 @@ def test_bf16_channels_last_learns_as_well_as_fp32(noisy_cache_dir, tmp_path):
     assert bf16["val_acc"] >= fp32["val_acc"] - BF16_ACC_MARGIN
     assert bf16["val_loss"] <= fp32["val_loss"] + BF16_LOSS_MARGIN
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # weights stay fp32
-
-
-@pytest.fixture(scope="module")
-def learn_cache_dir(tmp_path_factory) -> Path:
-    """500 training images, for the tests that judge learning by val_acc: with val_fraction 0.2
-    100 are held out, so one image is 0.01 (on the 20 of `cache_dir` it would be 0.05)."""
-    d = tmp_path_factory.mktemp("learn")
-    write_archive(d / "cifar-10-python.tar.gz", make_split(500, 0), make_split(50, 1), CLASSES)
-    preprocess(d / "cifar-10-python.tar.gz", d / "processed", PreprocessParams())
-    return d / "processed"
 
 
 # Learning, judged on 100 held-out images (chance 0.1). Seeds 0-5 of each case below, on a
