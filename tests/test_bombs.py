@@ -32,7 +32,8 @@ import pytest
 import yaml
 
 from imgclf.bench.cifar_writer import write_archive
-from imgclf.core.files import PipelineError, file_digest
+from imgclf.core.errors import PipelineError
+from imgclf.core.files import file_digest
 from imgclf.data import safe_pickle
 from imgclf.data.cifar import FOLDER
 from imgclf.data.safe_pickle import UnsafePickleError, load_pickle

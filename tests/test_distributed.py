@@ -24,7 +24,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from imgclf.core.files import PipelineError, file_digest
+from imgclf.core.errors import PipelineError
+from imgclf.core.files import file_digest
 from imgclf.core.params import ModelParams, ParamsError, TrainParams, parse_params
 
 from helpers import FAST_TRAIN, Project, copy_project, run_env

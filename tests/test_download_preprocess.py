@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from imgclf.bench.cifar_writer import write_archive
-from imgclf.core.files import PipelineError, file_digest
+from imgclf.core.errors import PipelineError
+from imgclf.core.files import file_digest
 from imgclf.core.params import PreprocessParams
 from imgclf.data.cifar import FOLDER, read_archive
 from imgclf.data.preprocess import preprocess

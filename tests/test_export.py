@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from imgclf.core.files import PipelineError
+from imgclf.core.errors import PipelineError
 from imgclf.core.params import ModelParams
 from imgclf.models import registry as models
 from imgclf.models.bundle import make_bundle
@@ -135,7 +135,7 @@ def test_the_export_check_names_a_temporary_folder_it_cannot_use(tmp_path, monke
         verify_in_fresh_process({}, images)
     # A file-size limit (like a full disk) while torch.save writes the images.
     code = ("import resource, torch; from imgclf.serve.export import verify_in_fresh_process; "
-            "from imgclf.core.files import PipelineError\n"
+            "from imgclf.core.errors import PipelineError\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))\n"
             "try:\n    verify_in_fresh_process({}, torch.zeros(32, 3, 32, 32, dtype=torch.uint8))\n"
             "except PipelineError as e:\n    print(e)\n")

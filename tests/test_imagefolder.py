@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf.core.files import PipelineError
+from imgclf.core.errors import PipelineError
 from imgclf.data import decode, imagefolder
 from imgclf.data.archive import Limits
 from imgclf.data.decode import ImageFileError, decode_image, image_dimensions, load_image_file

@@ -123,7 +123,7 @@ def test_run_steps_leaves_the_batch_source_open(cache_dir):
 
 
 def test_divergence_names_the_step_within_the_epoch():
-    from imgclf.core.files import PipelineError
+    from imgclf.core.errors import PipelineError
     from imgclf.train.trainee import check_finite
 
     check_finite(torch.tensor([1.0, 2.0]), epoch=0, first_step=5)
@@ -182,7 +182,7 @@ def cache_dir_8px(tmp_path_factory, cifar_archive) -> Path:
 def test_params_that_do_not_fit_the_image_size_fail_before_training(cache_dir_8px, tmp_path, model, train_kw, message):
     """Params the schema accepts that would crash mid-run (reflect padding, a forward pass)
     are refused at set-up, naming the keys and values; nothing is written."""
-    from imgclf.core.files import PipelineError
+    from imgclf.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=message):
         run(cache_dir_8px, tmp_path, model, **train_kw)
@@ -192,7 +192,7 @@ def test_params_that_do_not_fit_the_image_size_fail_before_training(cache_dir_8p
 def test_test_time_shift_must_be_smaller_than_the_images(cache_dir_8px, tmp_path):
     from imgclf.serve.evaluate import evaluate
     from imgclf.serve.export import export
-    from imgclf.core.files import PipelineError
+    from imgclf.core.errors import PipelineError
     from imgclf.core.params import EvaluateParams
 
     run(cache_dir_8px, tmp_path / "train", epochs=1)
@@ -251,7 +251,7 @@ def test_without_validation_all_images_train_and_the_compute_is_counted(cache_di
 
 
 def test_a_validation_split_that_leaves_nothing_is_refused(cache_dir, tmp_path):
-    from imgclf.core.files import PipelineError
+    from imgclf.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=r"train.val_fraction = 0.01 of 200 training images leaves 200 to train on and 0"):
         run(cache_dir, tmp_path / "run", val_fraction=0.01)

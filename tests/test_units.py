@@ -11,7 +11,8 @@ import yaml
 from torch import nn
 
 from imgclf.bench.feeders import tutorial_transform
-from imgclf.core.files import PipelineError, atomic_path, file_digest
+from imgclf.core.errors import PipelineError
+from imgclf.core.files import atomic_path, file_digest
 from imgclf.core.params import ModelParams, Params, TrainParams, load_params
 from imgclf.data.preprocess import channel_stats
 from imgclf.download.fetch import fetch, local_path, source_name
@@ -242,7 +243,7 @@ def test_atomic_path_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp_
 def test_a_refused_write_names_the_output_and_leaves_the_old_one(tmp_path, errno_name):
     import errno
 
-    from imgclf.core.files import OutputError
+    from imgclf.core.errors import OutputError
 
     target = tmp_path / "models/model.pt"
     target.parent.mkdir()
@@ -270,8 +271,9 @@ def test_a_refused_write_names_the_output_and_leaves_the_old_one(tmp_path, errno
 
 
 def test_a_failed_torch_save_names_the_file_it_was_writing(tmp_path):
-    """torch.save reports a failed write without a file name or errno; with two outputs open
-    (as export holds both), the error names the one being written, and the cause."""
+    """torch's writers report a failed write as a RuntimeError; written through save_torch (a
+    file object), it is the OSError it was. With two outputs open (as export holds both), the
+    error names the one being written, and the cause; no error text is read."""
     import resource
     import subprocess
     import sys
@@ -279,13 +281,14 @@ def test_a_failed_torch_save_names_the_file_it_was_writing(tmp_path):
     code = """if True:
         import sys, torch
         from pathlib import Path
-        from imgclf.core.files import atomic_path, OutputError
+        from imgclf.core.errors import OutputError
+        from imgclf.core.files import atomic_path, save_torch
         d = Path(sys.argv[1])
         for first, second in [(50_000, 100_000), (100_000, 10)]:  # floats: 200 kB, then 400 kB
             try:
                 with atomic_path(d / "a.pt") as a, atomic_path(d / "b.pt") as b:
-                    torch.save(torch.zeros(first), a)
-                    torch.save(torch.zeros(second), b)
+                    save_torch(torch.zeros(first), a)
+                    save_torch(torch.zeros(second), b)
             except OutputError as e:
                 print(e)
         print(sorted(p.name for p in d.iterdir()))

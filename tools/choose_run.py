@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from imgclf.core import paths
-from imgclf.core.files import PipelineError
+from imgclf.core.errors import PipelineError
 from imgclf.core.params import load_params
 from imgclf.download.fetch import local_path
 

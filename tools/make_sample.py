@@ -30,7 +30,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from imgclf.core.files import PipelineError, atomic_path, file_digest
+from imgclf.core.errors import PipelineError
+from imgclf.core.files import atomic_path, file_digest
 from imgclf.data.archive import iter_members, open_archive
 from imgclf.data.imagefolder import _layout  # the preprocess stage's layout rules, so both agree
 

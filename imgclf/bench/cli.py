@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from .. import bench
-from ..core.files import PipelineError, write_json
+from ..core.errors import PipelineError
+from ..core.files import write_json
 from .report import format_report
 from .run import run_bench
 

@@ -18,7 +18,7 @@ import torch
 
 from ..cache.dataset import Split
 from ..core import paths
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..core.params import PreprocessParams, TrainParams
 from ..data.preprocess import preprocess
 from ..models.runtime import configure_threads, resolve_device, resolve_precision

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.files import PipelineError, atomic_path, write_json
+from ..core.errors import PipelineError
+from ..core.files import atomic_path, save_torch, write_json
 
 TRAIN_FILE = "train.pt"
 TEST_FILE = "test.pt"
@@ -53,7 +54,7 @@ def save_cache(cache: Cache, out_dir: str | os.PathLike, extra_meta: dict | None
     """Write the cache as a folder, atomically (the folder appears whole or not at all)."""
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name, split in ((TRAIN_FILE, cache.train), (TEST_FILE, cache.test)):
-            torch.save({"images": split.images.contiguous(), "labels": split.labels}, tmp / name)
+            save_torch({"images": split.images.contiguous(), "labels": split.labels}, tmp / name)
         meta = {
             "classes": cache.classes,
             "mean": cache.mean,

@@ -1,4 +1,4 @@
-"""Atomic, durable output writing; checksums; the error a user can act on.
+"""Atomic, durable output writing; checksums.
 
 Every stage writes its outputs through :func:`atomic_path`: the data goes to a temporary name
 in the destination's own folder and is renamed into place only when complete, so an
@@ -19,42 +19,18 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-
-class PipelineError(Exception):
-    """An error a user can act on; stages print its message alone, without a traceback."""
-
-
-class OutputError(PipelineError):
-    """An output could not be written: ``target`` and the operating system's ``cause``."""
-
-    def __init__(self, target: Path, cause: str):
-        super().__init__(f"cannot write {target}: {cause}")
-        self.target = target
-        self.cause = cause
+from .errors import OutputError, describe_os_error
 
 
 # Errors of a write itself: an OSError without a file name (a failed write() or flush) is
 # taken as the output's only with one of these numbers.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
-
-
-def describe_os_error(e: OSError) -> str:
-    """``No space left on device (ENOSPC)``, with the limit for EFBIG."""
-    text = e.strerror or str(e)
-    if e.errno in errno.errorcode:
-        text += f" ({errno.errorcode[e.errno]})"
-    if e.errno == errno.EFBIG:
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY:
-            text += f": this process may not write files over {limit} bytes (ulimit -f)"
-    return text
 
 
 def _umask() -> int:
@@ -88,60 +64,6 @@ def _within(path: Any, tmp: Path | None, target: Path) -> bool:
     return p in (tmp, target, target.parent) or tmp in p.parents
 
 
-# The temporaries of the atomic_path blocks now open, innermost last: torch's failed write
-# names no file, so the blocks agree on which temporary it was writing (see _written_by_torch).
-_ACTIVE: list[Path] = []
-
-
-def _last_write(tmp: Path) -> tuple[int, int]:
-    """(mtime in ns, size) of the temporary, or of the newest file in a folder temporary."""
-    files = [tmp] if not tmp.is_dir() else [Path(d) / f for d, _, fs in os.walk(tmp) for f in fs]
-    stats = []
-    for f in files:
-        with contextlib.suppress(OSError):
-            st = f.stat()
-            stats.append((st.st_mtime_ns, st.st_size))
-    return max(stats, default=(0, 0))
-
-
-def _written_by_torch(e: RuntimeError) -> Path | None:
-    """The open temporary a failed ``torch.save`` was writing: of those holding data, the
-    last written (then the larger: timestamps are coarse); the innermost if none holds any.
-    Decided once, by the innermost block, while every temporary still exists, and kept on
-    the exception for the outer blocks."""
-    if not hasattr(e, "_imgclf_written"):
-        written = {tmp: _last_write(tmp) for tmp in _ACTIVE}
-        candidates = [tmp for tmp, (_, size) in written.items() if size > 0]
-        best = max(candidates, key=lambda t: written[t]) if candidates else (_ACTIVE or [None])[-1]
-        e._imgclf_written = best  # type: ignore[attr-defined]
-    return e._imgclf_written  # type: ignore[attr-defined]
-
-
-def _torch_write_cause(e: RuntimeError, folder: Path, tmp: Path) -> str | None:
-    """The cause of a failed ``torch.save(obj, path)`` into ``tmp``, or None if ``e`` is
-    something else (or torch was writing another block's temporary).
-
-    Given a path, torch's C++ writer reports a failed write as ``unexpected pos N vs M`` and
-    loses the errno, so the likely causes are checked here while the temporary still holds
-    the space it took: a full filesystem, then a file-size limit.
-    """
-    msg = str(e)
-    if "inline_container.cc" not in msg and "PytorchStreamWriter" not in msg:
-        return None
-    if _written_by_torch(e) != tmp:
-        return None
-    if "strerror: " in msg:  # opening failed: torch quotes the OS's reason
-        return msg.split("strerror: ", 1)[1].strip()
-    with contextlib.suppress(OSError):
-        st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize < (1 << 20):
-            return f"No space left on device (ENOSPC): {st.f_bavail * st.f_frsize} bytes free in {folder}"
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and _last_write(tmp)[1] >= limit:
-        return f"File too large (EFBIG): this process may not write files over {limit} bytes (ulimit -f)"
-    return f"the write failed ({msg.splitlines()[0]})"
-
-
 def _cause(e: BaseException, tmp: Path | None, target: Path, *, in_body: bool) -> str | None:
     """Why writing ``target`` failed, if ``e`` is the operating system refusing this output.
 
@@ -149,16 +71,12 @@ def _cause(e: BaseException, tmp: Path | None, target: Path, *, in_body: bool) -
     fsync, rename). Inside it, only one naming this output's paths, or a failed write with
     no file name, is: the block may read other files, whose errors are not ours to rename.
     """
-    # torch.save to a file object wraps the OSError: it is the RuntimeError's context.
-    for err in (e, e.__context__) if isinstance(e, RuntimeError) else (e,):
-        if isinstance(err, OSError) and (
-            not in_body
-            or _within(err.filename, tmp, target) or _within(err.filename2, tmp, target)
-            or (err.filename is None and err.errno in _WRITE_ERRNOS)
-        ):
-            return describe_os_error(err)
-    if isinstance(e, RuntimeError) and tmp is not None:
-        return _torch_write_cause(e, target.parent, tmp)
+    if isinstance(e, OSError) and (
+        not in_body
+        or _within(e.filename, tmp, target) or _within(e.filename2, tmp, target)
+        or (e.filename is None and e.errno in _WRITE_ERRNOS)
+    ):
+        return describe_os_error(e)
     return None
 
 
@@ -186,7 +104,6 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
             fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
             os.close(fd)
             tmp = Path(name)
-        _ACTIVE.append(tmp)
         in_body = True
         yield tmp
         in_body = False
@@ -197,13 +114,10 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         else:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
             _fsync(tmp)
-        _ACTIVE.remove(tmp)
         os.replace(tmp, target)
         _fsync(target.parent)  # the rename itself
     except BaseException as e:
         cause = _cause(e, tmp, target, in_body=in_body)
-        if tmp in _ACTIVE:
-            _ACTIVE.remove(tmp)
         if tmp is not None:
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -220,6 +134,29 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` into ``path``, opened here, so that a write the operating system refuses is
+    the ``OSError`` it is, naming ``path``. torch's writers (``torch.save``,
+    ``torch.export.save``) report a failed write to a file object as a RuntimeError whose
+    context is that OSError, which is raised instead; given a path, their C++ writer would
+    lose the errno altogether."""
+    with open(path, "wb") as f:
+        try:
+            write(f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                err = e.__context__
+                raise OSError(err.errno, err.strerror, os.fspath(path)) from None
+            raise
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through :func:`write_file`."""
+    import torch  # here: the download stage and the tools never need torch
+
+    write_file(path, lambda f: torch.save(obj, f))
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "md5") -> str:

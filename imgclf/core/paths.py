@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .files import PipelineError
+from .errors import PipelineError
 
 PARAMS = Path("params.yaml")
 SOURCE_DIR = Path("data/source")  # users' own folders/archives: a declared dependency

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .files import PipelineError, describe_os_error
+from .errors import PipelineError, describe_os_error
 
 
 def run_stage(name: str, work: Callable[[], object]) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..core.params import PreprocessParams
 
 MB = 10**6

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..cache.dataset import RawDataset, Split
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from .archive import DEFAULT_LIMITS, Limits, iter_members, open_archive
 from .safe_pickle import load_pickle
 

@@ -47,7 +47,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..core.files import PipelineError  # noqa: E402
+from ..core.errors import PipelineError  # noqa: E402
 from ..core.params import PreprocessParams  # noqa: E402
 
 log = logging.getLogger(__name__)

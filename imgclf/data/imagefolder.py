@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache.dataset import RawDataset, Split
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from .archive import DEFAULT_LIMITS, Limits, MemberTooLargeError, NotAnArchiveError, iter_members, open_archive
 from .decode import MAX_PIXELS, decode_chunk, opencv_for_threads
 

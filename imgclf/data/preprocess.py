@@ -11,7 +11,8 @@ import torch
 from torchvision.transforms import v2
 
 from ..cache.dataset import Cache, RawDataset, Split, save_cache
-from ..core.files import PipelineError, atomic_path
+from ..core.errors import PipelineError
+from ..core.files import atomic_path
 from ..core.params import PreprocessParams
 from . import cifar
 from .archive import Limits

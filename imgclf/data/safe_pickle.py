@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 
 NOT_GENUINE = "CIFAR-10 batches hold only NumPy arrays, lists and dicts, so this file is not a genuine CIFAR-10 batch and was not loaded"
 

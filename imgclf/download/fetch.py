@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..core.files import PipelineError, atomic_path, file_digest
+from ..core.errors import PipelineError
+from ..core.files import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from .registry import Classifier, build
 from .tta import with_tta
 

@@ -92,7 +92,7 @@ def vgg16(num_classes: int = 10, image_size: int = 32, pretrained: bool = False)
     try:
         model = torchvision.models.vgg16(weights=weights)
     except Exception as e:  # the weights come from the internet
-        from ..core.files import PipelineError
+        from ..core.errors import PipelineError
 
         raise PipelineError(
             f"cannot load VGG16's pretrained weights ({type(e).__name__}: {e}); "
@@ -187,7 +187,7 @@ def arch_args(model_params: Any, *, num_classes: int, image_size: int) -> dict[s
 
 def check_arch(arch: str) -> str:
     if arch not in ARCHS:
-        from ..core.files import PipelineError
+        from ..core.errors import PipelineError
 
         raise PipelineError(f"model.arch = {arch!r}: unknown architecture; known: {', '.join(ARCHS)}")
     return arch

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..core.params import ModelParams, TrainParams
 from . import registry
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ..core.files import PipelineError, atomic_path, describe_os_error
+from ..core.errors import PipelineError, describe_os_error
+from ..core.files import atomic_path, save_torch
 from ..models.bundle import load_state_dict_model, load_whole_model, model_from_bundle, read_bundle
 from ..models.tta import with_tta
 from . import serving
@@ -56,9 +57,9 @@ def verify_in_fresh_process(files: dict[str, Path], images: torch.Tensor) -> dic
     with tmp_dir as tmp:
         inp, out = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
         try:
-            torch.save(images, inp)
-        except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
-            raise PipelineError(f"cannot write the export check's images to {inp}: {str(e).splitlines()[0]} "
+            save_torch(images, inp)
+        except OSError as e:
+            raise PipelineError(f"cannot write the export check's images to {inp}: {describe_os_error(e)} "
                                 f"(is {tempfile.gettempdir()} full? set TMPDIR to a folder with room)") from None
         code = (
             "import sys; sys.argv[4] in sys.path or sys.path.insert(0, sys.argv[4]); "
@@ -115,8 +116,8 @@ def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, bundle_out
     meta = serving.metadata(bundle)
     with atomic_path(whole_out) as whole_tmp, atomic_path(bundle_out) as state_tmp, \
             atomic_path(serving_out, is_dir=True) as serving_tmp:
-        torch.save(model, whole_tmp)
-        torch.save(bundle, state_tmp)
+        save_torch(model, whole_tmp)
+        save_torch(bundle, state_tmp)
         files = {"whole": whole_tmp, "state": state_tmp, **serving.write(model, serving_tmp, formats, meta)}
         diffs = check_agreement(expected, verify_in_fresh_process(files, images), tolerance)
     report: dict[str, Any] = {

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..core import paths as project_paths
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..data.decode import IMAGE_SUFFIXES, ImageFileError, load_image_file
 from ..models.bundle import load_state_dict_model, load_whole_model, read_bundle
 from .serving import OnnxClassifier

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
+from ..core.files import write_file
 from ..models.tta import OFF
 
 FORMATS = ("onnx", "pt2")  # export.onnx / export.pt2 switch each on or off
@@ -86,7 +87,7 @@ def export_program(model: torch.nn.Module, meta: dict[str, Any]) -> torch.export
 
 def write_pt2(program: torch.export.ExportedProgram, path: str | os.PathLike, meta: dict[str, Any]) -> None:
     """``torch.export.save``, with ``meta`` as the extra file ``imgclf.json``."""
-    torch.export.save(program, path, extra_files={PT2_METADATA_FILE: json.dumps(meta)})
+    write_file(path, lambda f: torch.export.save(program, f, extra_files={PT2_METADATA_FILE: json.dumps(meta)}))
 
 
 def write_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike, meta: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.files import atomic_path, file_digest
+from ..core.files import atomic_path, file_digest, save_torch
 from ..core.params import ModelParams, TrainParams
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(path: Path, *, fingerprint: str, epoch: int, history: list[dict[str, float]], model: torch.nn.Module,
          step_state: dict[str, Any], model_params: ModelParams, train_params: TrainParams) -> None:
     with atomic_path(path) as tmp:
-        torch.save({
+        save_torch({
             "fingerprint": fingerprint, "epoch": epoch, "history": history,
             "model": model.state_dict(), "step": step_state, "rng": rng_state(),
             "params": {"model": model_params.model_dump(), "train": train_params.model_dump()},

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from . import sync_batchnorm
 from .launch import FIRST_NODE_ENV, STARTED_ENV
 

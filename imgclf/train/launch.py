@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..core.params import ModelParams, Params, TrainParams, load_params, parse_params, read_yaml
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..cache.dataset import META_FILE, Cache, Split, hold_out, load_cache, load_meta
-from ..core.files import PipelineError, atomic_path, write_json
+from ..core.errors import PipelineError
+from ..core.files import atomic_path, save_torch, write_json
 from ..core.params import ModelParams, TrainParams
 from ..models import registry
 from ..models.bundle import make_bundle
@@ -264,7 +265,7 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
                           "nodes": run.dist.nodes,
                           "precision": "fp32" if run.amp is None else str(run.amp).removeprefix("torch.")}
     with atomic_path(paths.model_out) as tmp:
-        torch.save(bundle, tmp)
+        save_torch(bundle, tmp)
     last = history[-1]
     seconds = sum(r["seconds"] for r in history)
     flops = run.flops_per_image * run.images_per_epoch * train_params.epochs  # the whole run's, resumed epochs included

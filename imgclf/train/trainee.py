@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..core.params import ModelParams, TrainParams
 from ..models import registry
 from ..models.runtime import autocast
