@@ -190,11 +190,24 @@ def test_an_exporter_failure_names_its_innermost_cause(tmp_path, monkeypatch):
         "set export.onnx=false to skip this format")
 
 
+# Where each module's classes were, in the two layouts before this one: flat (one imgclf/
+# folder), then one subpackage per stage with the architectures inside models/registry.py
+# and models/whitened.py. Pickle protocol 2 names a class as "module\nname\n".
+OLD_LAYOUTS = {
+    "flat": {b"imgclf.models.registry\n": b"imgclf.models\n", b"imgclf.models.layers\n": b"imgclf.models\n",
+             b"imgclf.models.archs.resnet_fast\n": b"imgclf.models\n",
+             b"imgclf.models.archs.whitened_net\n": b"imgclf.whitened\n", b"imgclf.models.tta\n": b"imgclf.tta\n"},
+    "subpackages": {b"imgclf.models.archs.resnet_fast\n": b"imgclf.models.registry\n",
+                    b"imgclf.models.archs.whitened_net\n": b"imgclf.models.whitened\n"},
+}
+
+
+@pytest.mark.parametrize("layout", OLD_LAYOUTS)
 @pytest.mark.parametrize("arch", ["resnet_fast", "whitened_net"])
-def test_a_whole_model_pickled_before_the_package_split_still_loads(tmp_path, arch):
-    """A whole-model file names each class by its module. Files written while imgclf was flat
-    name imgclf.models, imgclf.whitened and imgclf.tta, which are now packages or gone; the
-    loader maps them to where the classes live now (imgclf.models.bundle.MOVED_MODULES)."""
+def test_a_whole_model_pickled_in_an_earlier_layout_still_loads(tmp_path, arch, layout):
+    """A whole-model file names each class by its module. Files written in an earlier layout
+    name modules that are now packages or gone; the loader maps them to where the classes
+    live now (imgclf.models.bundle.MOVED_MODULES)."""
     import zipfile
 
     from imgclf.models.bundle import load_whole_model
@@ -203,18 +216,15 @@ def test_a_whole_model_pickled_before_the_package_split_still_loads(tmp_path, ar
     model = with_tta(small_model(arch, 16)[0], {"flip": True, "shift": 1}).eval()
     new = tmp_path / "new.pt"
     torch.save(model, new)
-    # Pickle protocol 2 names a class as "module\nname\n": rename the modules as the old,
-    # flat package named them, byte for byte.
-    old_names = {b"imgclf.models.registry\n": b"imgclf.models\n", b"imgclf.models.layers\n": b"imgclf.models\n",
-                 b"imgclf.models.whitened\n": b"imgclf.whitened\n", b"imgclf.models.tta\n": b"imgclf.tta\n"}
     old = tmp_path / "old.pt"
     with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
             data = src.read(info)
             if info.filename.endswith("data.pkl"):
-                for a, b in old_names.items():
-                    data = data.replace(a, b)
-                assert b"imgclf.tta\n" in data and b"imgclf.models\n" in data
+                renamed = [a for a in OLD_LAYOUTS[layout] if a in data]
+                for a in renamed:
+                    data = data.replace(a, OLD_LAYOUTS[layout][a])
+                assert renamed and b"imgclf.models.archs" not in data
             dst.writestr(info, data)
     with pytest.raises((ImportError, AttributeError)):  # plain unpickling: no such module, or no such class in it
         torch.load(old, weights_only=False)

@@ -268,3 +268,51 @@ def test_interrupted_training_resumes_to_the_same_result(reproduced, tmp_path):
     again = json.loads(resumed_metrics)
     for key in ("train_loss", "train_acc", "val_acc"):
         assert fresh[key] == again[key], key
+
+
+NEW_ARCH = '''"""A test's architecture: two linear layers, to show that a new file is the whole edit."""
+
+from torch import nn
+
+from ..registry import architecture
+
+
+@architecture(meaning={"width": "hidden units"})
+def two_layer_mlp(num_classes: int = 10, image_size: int = 32, width: int = 64) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, width), nn.ReLU(),
+                         nn.Linear(width, num_classes))
+'''
+
+
+def test_a_new_architecture_is_one_new_file(reproduced, tmp_path):
+    """Adding an architecture: one file in imgclf/models/archs/ with one decorator, no other
+    edit; `dvc exp run -S model.arch=<it>` trains it, exports it (ONNX and .pt2 too),
+    evaluates it, and imgclf-predict classifies with it."""
+    import cv2
+
+    project = reproduced
+    (project.path / "imgclf/models/archs/two_layer_mlp.py").write_text(NEW_ARCH)
+    assert project.git("status", "--porcelain").stdout == "?? imgclf/models/archs/two_layer_mlp.py\n"
+    # The project's own imgclf, as an editable install of this clone would import it.
+    env = run_env() | {"PYTHONPATH": str(project.path)}
+    dvc = [sys.executable, "-m", "dvc", "exp", "run", "-n", "mlp", "-S", "model.arch=two_layer_mlp",
+           "-S", "model.width=32", "-S", "export.onnx=true", "-S", "export.pt2=true"]
+    proc = subprocess.run(dvc, cwd=project.path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.ran_stages(proc) == ["params", "train", "export", "evaluate"], proc.stdout
+    bundle = torch.load(project.path / "models/model_state.pt", weights_only=True)
+    assert bundle["arch"] == "two_layer_mlp" and bundle["arch_args"]["width"] == 32
+    assert 0 <= json.loads((project.path / "metrics/eval.json").read_text())["test_acc"] <= 1
+    report = json.loads((project.path / "metrics/export.json").read_text())
+    assert report["max_abs_diff_onnx"] <= report["tolerance"] and report["max_abs_diff_pt2"] <= report["tolerance"]
+
+    images = torch.load(project.path / "data/processed/test.pt", weights_only=True)["images"][:2]
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        assert cv2.imwrite(str(files[-1]), image.permute(1, 2, 0).numpy()[:, :, ::-1].copy())
+    out = subprocess.run([sys.executable, "-m", "imgclf.serve.predict", "--json", *map(str, files)],
+                         cwd=project.path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    assert len(results) == 2 and all(r["top"][0]["class"] in bundle["classes"] for r in results), out.stdout

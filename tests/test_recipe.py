@@ -12,7 +12,7 @@ from torch import nn
 
 from imgclf.core.params import AugmentParams, ModelParams, TrainParams, parse_params
 from imgclf.models import registry as models
-from imgclf.models.whitened import Whitening, fit_whitening
+from imgclf.models.archs.whitened_net import Whitening, fit_whitening
 from imgclf.train.augment import Augmenter
 from imgclf.train.lookahead import Lookahead
 from imgclf.train.loop import TrainPaths, train
@@ -48,13 +48,13 @@ def test_training_fits_the_whitening_layer_to_the_training_images_and_freezes_it
     model = whitened()
     before = model.net.whiten.weight.clone()
     images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    model.fit_to_data(images)
+    models.fit_to_data("whitened_net", model, images)
     assert not torch.equal(model.net.whiten.weight, before)
     assert not model.net.whiten.weight.requires_grad and model.net.whiten.bias.requires_grad
     # The model without a whitening layer is left as it was.
     plain = models.build("seed_cnn_bn", models.arch_args(ModelParams(), num_classes=10, image_size=32), MEAN, STD)
     state = {k: v.clone() for k, v in plain.state_dict().items()}
-    plain.fit_to_data(images)
+    models.fit_to_data("seed_cnn_bn", plain, images)
     assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
 
 

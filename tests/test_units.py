@@ -92,7 +92,7 @@ def test_schedules_start_low_and_end_at_zero(schedule):
 
 
 def test_seed_cnn_is_the_tutorials_network():
-    net = models.seed_cnn()
+    net = models.ARCHS["seed_cnn"].build()
     assert list(dict(net.named_children())) == [
         "conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "flatten", "full_connect1", "full_connect2"]
     assert not any(isinstance(m, (nn.ReLU, nn.Sigmoid, nn.BatchNorm2d)) for m in net.modules())
@@ -110,7 +110,7 @@ def test_models_take_any_size_and_class_count(arch, size, classes):
 
 
 def test_vgg16_head_is_replaced_for_the_class_count():
-    m = models.vgg16(num_classes=7)
+    m = models.ARCHS["vgg16"].build(num_classes=7)
     assert isinstance(m.classifier[6], nn.Linear) and m.classifier[6].out_features == 7
     assert m.classifier[6].in_features == 4096
     with torch.no_grad():

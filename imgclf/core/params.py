@@ -81,7 +81,7 @@ class PreprocessParams(_Section):
 
 
 class ModelParams(_Section):
-    arch: str = "seed_cnn_bn"  # a name in imgclf.models.registry.ARCHS (checked by the train stage)
+    arch: str = "seed_cnn_bn"  # a file in imgclf/models/archs/ registers it (checked by the train stage)
     pretrained: bool = False  # vgg16 only: ImageNet weights (needs a download)
     width: int = Field(64, ge=8, le=1024)  # resnet_fast, whitened_net: channels of the first block
 

@@ -69,9 +69,8 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_from_bundle(bundle: dict[str, Any]) -> Classifier:
-    args = dict(bundle["arch_args"])
-    args.pop("pretrained", None)  # the trained weights replace any pretrained ones
-    model = build(bundle["arch"], args, bundle["mean"], bundle["std"])
+    # rebuild: the trained weights replace whatever a build-only arg (pretrained) would fetch
+    model = build(bundle["arch"], bundle["arch_args"], bundle["mean"], bundle["std"], rebuild=True)
     model.load_state_dict(bundle["state_dict"])
     return model.eval()
 
@@ -84,12 +83,15 @@ def load_state_dict_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dic
 
 
 # A whole-model pickle names each class by the module that defined it when it was written.
-# Files written before imgclf was split into subpackages name the old flat modules: these
-# are where their classes live now (imgclf.models held the layers too).
+# Files written before imgclf was split into subpackages name the old flat modules, and files
+# written before each architecture had its own file name the registry or models/whitened.py:
+# these are where their classes live now (imgclf.models held the layers too).
 MOVED_MODULES = {
-    "imgclf.models": ("imgclf.models.registry", "imgclf.models.layers"),
-    "imgclf.whitened": ("imgclf.models.whitened",),
+    "imgclf.models": ("imgclf.models.registry", "imgclf.models.layers", "imgclf.models.archs.resnet_fast"),
+    "imgclf.whitened": ("imgclf.models.archs.whitened_net",),
     "imgclf.tta": ("imgclf.models.tta",),
+    "imgclf.models.registry": ("imgclf.models.archs.resnet_fast",),
+    "imgclf.models.whitened": ("imgclf.models.archs.whitened_net",),
 }
 
 

@@ -54,9 +54,7 @@ def train_flops_per_image(model_params: ModelParams, *, num_classes: int, image_
 
 def _meta_model(model_params: ModelParams, num_classes: int, image_size: int) -> registry.Classifier:
     args = registry.arch_args(model_params, num_classes=num_classes, image_size=image_size)
-    if "pretrained" in args:
-        args["pretrained"] = False  # shapes only: nothing to download
-    return registry.build(model_params.arch, args, [0.0] * 3, [1.0] * 3)
+    return registry.build(model_params.arch, args, [0.0] * 3, [1.0] * 3, rebuild=True)  # shapes only: no download
 
 
 def _sizes_above(size: int, largest: int = 1024) -> list[int]:

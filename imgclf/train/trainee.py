@@ -136,7 +136,7 @@ def build_trainee(model_params: ModelParams, train_params: TrainParams, *, num_c
     fmt = torch.channels_last if train_params.channels_last else torch.contiguous_format
     model = registry.build(model_params.arch, args, mean, std).to(device, memory_format=fmt)
     if init_images is not None:
-        model.fit_to_data(init_images)
+        registry.fit_to_data(model_params.arch, model, init_images)
     step = make_step(model, train_params, device, amp, steps_per_epoch * train_params.epochs, steps_per_epoch)
     return Trainee(model, args, step, fmt)
 

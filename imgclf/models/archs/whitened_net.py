@@ -27,7 +27,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .layers import _GlobalMaxPool, _Scale
+from ..layers import _GlobalMaxPool, _Scale
+from ..registry import architecture
 
 WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4  # added to the eigenvalues: bounds the gain of the flattest directions
@@ -89,6 +90,19 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+def fit_to_data(model: nn.Module, images: torch.Tensor, normalize, device: torch.device) -> bool:
+    """Fit every whitening layer of ``model`` to the first ``FIT_IMAGES`` of ``images`` (uint8,
+    N x 3 x H x W), normalised on ``device``; False if it has none."""
+    layers = [m for m in model.modules() if isinstance(m, Whitening)]
+    if not layers:
+        return False
+    x = normalize(images[:FIT_IMAGES].to(device).float())  # only these go to the device
+    for layer in layers:
+        fit_whitening(layer, x)
+    return True
+
+
+@architecture(fit_to_data=fit_to_data, meaning={"width": "channels of the first block (then 4x, 4x)"})
 def whitened_net(num_classes: int = 10, image_size: int = 32, width: int = 64) -> nn.Sequential:
     widths = [width, 4 * width, 4 * width]
     whiten = Whitening(3)
@@ -106,15 +120,3 @@ def whitened_net(num_classes: int = 10, image_size: int = 32, width: int = 64) -
             ]
         )
     )
-
-
-def fit_to_data(model: nn.Module, images: torch.Tensor, normalize, device: torch.device) -> bool:
-    """Fit every whitening layer of ``model`` to the first ``FIT_IMAGES`` of ``images`` (uint8,
-    N x 3 x H x W), normalised on ``device``; False if it has none."""
-    layers = [m for m in model.modules() if isinstance(m, Whitening)]
-    if not layers:
-        return False
-    x = normalize(images[:FIT_IMAGES].to(device).float())  # only these go to the device
-    for layer in layers:
-        fit_whitening(layer, x)
-    return True
