@@ -6,17 +6,8 @@ change, so a misspelt section (`trian:`) would reach no stage and `dvc repro` wo
 params.yaml changes, nothing depends on it, and the other stages do not rerun.
 """
 
-import logging
-
-from imgclf.core import paths
-from imgclf.core.params import load_params
+from imgclf.core.params import check_whole_file
 from imgclf.core.stage import run_stage
 
-
-def main() -> None:
-    load_params(paths.PARAMS)
-    logging.getLogger("params").info("%s is valid", paths.PARAMS)
-
-
 if __name__ == "__main__":
-    run_stage("params", main)
+    run_stage("params", check_whole_file)

@@ -137,7 +137,7 @@ import os, runpy, sys, traceback
 # it is there), then what it imports later.
 from imgclf.core import paths
 from imgclf.core.params import load_params
-from imgclf.core.stage import run_stage
+from imgclf.core.stage import report_failures
 import imgclf.data.imagefolder, torch.utils.tensorboard
 from imgclf.data.preprocess import preprocess
 
@@ -176,10 +176,10 @@ for line in sys.stdin.read().splitlines():
 STAGE = str(ROOT / "stages/preprocess.py")
 # What imgclf-predict does with each file it is given.
 DECODE_FILE = """import sys
-from imgclf.core.stage import run_stage
+from imgclf.core.stage import report_failures
 from imgclf.data.decode import load_image_file
 
-run_stage("predict", lambda: load_image_file(sys.argv[1], 32))
+report_failures("predict", lambda: load_image_file(sys.argv[1], 32))
 """
 
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(cache_dir: Path, out: Path, model: ModelParams | None = None, **train_kw) -> dict:
     kw = {"epochs": 3, "batch_size": 25, "lr": 0.05, "device": DEVICE, "precision": "bf16"} | train_kw
     out.mkdir(parents=True, exist_ok=True)
-    paths = TrainPaths(cache_dir, out / "trained.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None)
+    paths = TrainPaths(cache_dir, out / "trained.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None, None)
     return train(model or ModelParams(), TrainParams(**kw), paths)
 
 

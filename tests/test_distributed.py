@@ -122,7 +122,7 @@ def single_process(node: Project, out: Path, arch: str) -> tuple[dict, dict]:
     train_params = TrainParams(**(node.params()["train"] | {"nodes": 1, "rdzv_endpoint": ""}))
     out.mkdir()
     paths = TrainPaths(node.path / "data/processed", out / "model.pt", out / "train.json", out / "curve.csv",
-                       out / "ckpt.pt", None)
+                       out / "ckpt.pt", None, None)
     metrics = train(ModelParams(arch=arch), train_params, paths)
     return metrics, torch.load(out / "model.pt", weights_only=True)["state_dict"]
 

@@ -136,7 +136,7 @@ LEARNS = 0.5
 
 def run(learn_cache_dir: Path, out: Path) -> tuple[dict, dict]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = TrainPaths(learn_cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None)
+    paths = TrainPaths(learn_cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None, None)
     metrics = train(ModelParams(arch="whitened_net", width=8), TrainParams(**RECIPE), paths)
     return metrics, torch.load(out / "model.pt", weights_only=True)["state_dict"]
 

@@ -21,7 +21,7 @@ from helpers import preprocessed_cache
 def run(cache_dir: Path, out: Path, model: ModelParams | None = None, **train_kw) -> tuple[dict, dict]:
     kw = {"epochs": 3, "batch_size": 25, "lr": 0.05, "threads": 1, "device": "cpu", "precision": "fp32"} | train_kw
     out.mkdir(parents=True, exist_ok=True)
-    paths = TrainPaths(cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None)
+    paths = TrainPaths(cache_dir, out / "model.pt", out / "train.json", out / "curve.csv", out / "ckpt.pt", None, None)
     metrics = train(model or ModelParams(), TrainParams(**kw), paths)
     return metrics, torch.load(out / "model.pt", weights_only=True)["state_dict"]
 

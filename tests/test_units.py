@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -301,11 +302,11 @@ def test_a_failed_torch_save_names_the_file_it_was_writing(tmp_path):
 
 
 def test_a_stage_prints_an_os_error_as_one_line(tmp_path, capsys):
-    from imgclf.core.stage import run_stage
+    from imgclf.core.stage import report_failures
 
     missing = tmp_path / "data/processed/train.pt"
     with pytest.raises(SystemExit) as e:
-        run_stage("train", lambda: open(missing, "rb"))
+        report_failures("train", lambda: open(missing, "rb"))
     assert e.value.code == 1
     assert capsys.readouterr().err == f"error (train): {missing}: No such file or directory (ENOENT)\n"
 
@@ -397,6 +398,38 @@ def test_each_stage_declares_exactly_the_code_folders_it_runs():
         declared = {d for d in stage["deps"] if d.startswith("imgclf")}
         assert all((ROOT / d).is_dir() for d in declared), f"{name}: declare folders, not files: {sorted(declared)}"
         assert declared == reached, f"{name}: missing {reached - declared}, extra {declared - reached}"
+
+
+def test_dvc_yaml_declares_the_paths_and_sections_each_stage_is_given():
+    """Paths are declared once, in imgclf/core/paths.py; dvc.yaml names the same ones, each as
+    the same kind (dep, out, metric, or a plot file kept in git), and the params sections the
+    runner hands each stage (imgclf.core.params.STAGE_SECTIONS)."""
+    from imgclf.core import paths
+    from imgclf.core.params import STAGE_SECTIONS
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(paths.STAGES) == set(STAGE_SECTIONS)
+
+    def names(entries):
+        return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+    for name, stage in stages.items():
+        given = paths.STAGES[name]
+        data_deps = {d for d in stage.get("deps", []) if not d.startswith(("stages/", "imgclf/"))}
+        assert data_deps == paths.declared(given, "dep"), name
+        outs = stage.get("outs", [])
+        kept_in_git = {next(iter(o)) for o in outs if isinstance(o, dict) and next(iter(o.values())).get("cache") is False}
+        assert names(outs) - kept_in_git == paths.declared(given, "out"), name
+        assert kept_in_git == paths.declared(given, "plot"), name
+        assert names(stage.get("metrics", [])) == paths.declared(given, "metric"), name
+        local = paths.declared(given, "local")
+        assert not local & (names(outs) | names(stage.get("metrics", []))), name
+        if name != "params":
+            assert stage["params"] == list(STAGE_SECTIONS[name]), name
+        # Every stage script is the runner and its stage's run(section, paths): a few lines.
+        script = (ROOT / f"stages/{name}.py").read_text()
+        code = script.splitlines()[ast.parse(script).body[0].end_lineno:]  # after the docstring
+        assert f'run_stage("{name}", ' in script and len([line for line in code if line.strip()]) <= 5, name
 
 
 def test_subpackages_import_each_other_without_cycles():

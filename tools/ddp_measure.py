@@ -36,7 +36,7 @@ def images_per_s(cache: Path, threads: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
         metrics = train(ModelParams(arch="seed_cnn_bn"), train_params,
-                        TrainPaths(cache, out / "m.pt", out / "t.json", out / "c.csv", out / "ck.pt", None))
+                        TrainPaths(cache, out / "m.pt", out / "t.json", out / "c.csv", out / "ck.pt", None, None))
     if metrics:
         print("RESULT", json.dumps({"threads": threads, "processes": processes, **metrics}))
 

@@ -142,9 +142,9 @@ def choose_archive(archive: Path | None, quick: bool, tmp: Path, s: Settings) ->
         why = "--quick"
     else:
         try:
-            return paths.find_archive(paths.RAW_DIR), None
+            return paths.find_archive(), None
         except PipelineError:
-            why = f"no archive in {paths.RAW_DIR}/ (run `dvc repro download`, or pass --archive)"
+            why = f"no archive in {paths.STAGES['download'].raw}/ (run `dvc repro download`, or pass --archive)"
     path = tmp / "synthetic" / "cifar-10-python.tar.gz"
     path.parent.mkdir(parents=True)
     synthesize_archive(path, s.num_train, s.num_test)
@@ -199,7 +199,7 @@ def train_epoch(recipe: Recipe, batch: int, cache_dir: Path, out: Path, device: 
         epochs=1, batch_size=batch, lr=recipe.lr, label_smoothing=recipe.label_smoothing,
         device=str(device), precision="auto", channels_last=True, threads=0,
     )
-    tp = TrainPaths(cache_dir, out / "trained.pt", out / "train.json", out / "train_curve.csv", out / "train_ckpt.pt", None)
+    tp = TrainPaths(cache_dir, out / "trained.pt", out / "train.json", out / "train_curve.csv", out / "train_ckpt.pt", None, None)
     t0 = time.perf_counter()
     metrics = train(recipe.model_params, train_params, tp)
     return {

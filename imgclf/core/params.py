@@ -20,10 +20,11 @@ export (``tta_shift``).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -188,6 +189,36 @@ class Params(_Section):
     export: ExportParams = ExportParams()
 
 
+class TrainSections(NamedTuple):
+    """The train stage's params: the network and how to train it."""
+
+    model: ModelParams
+    train: TrainParams
+
+
+# The params each stage reads (dvc.yaml declares these sections, and no others; a test checks).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "params": tuple(Params.model_fields),  # the whole file
+    "download": ("download",),
+    "preprocess": ("preprocess",),
+    "train": ("model", "train"),
+    "export": ("export",),
+    "evaluate": ("evaluate",),
+}
+
+
+def stage_section(params: Params, stage: str) -> Any:
+    """What ``run(section, paths)`` of ``stage`` gets: its one section, the train stage's two
+    as :class:`TrainSections`, or the whole file for the params stage."""
+    names = STAGE_SECTIONS[stage]
+    if stage == "params":
+        return params
+    if stage == "train":
+        return TrainSections(params.model, params.train)
+    (name,) = names
+    return getattr(params, name)
+
+
 # What a strict type error means in params.yaml's terms.
 _EXPECTED = {
     "bool_type": "must be true or false",
@@ -260,3 +291,9 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate the whole params file (every stage calls this first)."""
     path = Path(path)
     return parse_params(read_yaml(path), str(path))
+
+
+def check_whole_file(params: Params, paths: Any = None) -> dict[str, Any]:
+    """The params stage: the runner has validated the whole file by now; say so."""
+    logging.getLogger(__name__).info("params.yaml is valid")
+    return {}

@@ -1,6 +1,8 @@
-"""What every stage script shares: logging setup, and every failure a user can act on turned
-into one line on stderr (no traceback): a PipelineError, or the operating system refusing a
-read or a write (a full disk, a read-only or forbidden folder)."""
+"""The stage runner: what every stage script is. It sets up logging, validates the whole
+params.yaml, and calls the stage's ``run(section, paths)`` with its own params section and
+its paths (``imgclf.core.paths.STAGES``); every failure a user can act on becomes one line on
+stderr (no traceback): a PipelineError, or the operating system refusing a read or a write
+(a full disk, a read-only or forbidden folder)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,27 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from . import paths
 from .errors import PipelineError, describe_os_error
+from .params import load_params, stage_section
 
 
-def run_stage(name: str, work: Callable[[], object]) -> None:
+def read_section(name: str) -> Any:
+    """The stage's params section, after validating the whole file (every stage does)."""
+    return stage_section(load_params(paths.PARAMS), name)
+
+
+def run_stage(name: str, run: Callable[[Any, Any], object], *, read: Callable[[str], Any] = read_section) -> None:
+    """``run(read(name), paths.STAGES[name])``, under :func:`report_failures`: a stage
+    script's whole body. ``read``: how the stage gets its section (train's joining nodes
+    also take ``-S`` values)."""
+    report_failures(name, lambda: run(read(name), paths.STAGES[name]))
+
+
+def report_failures(name: str, work: Callable[[], object]) -> None:
+    """Set up logging and run ``work``; a failure the user can act on is one line and exit 1."""
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 reports progress
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 
 from ..cache.dataset import Cache, RawDataset, Split, save_cache
 from ..core.errors import PipelineError
+from ..core.paths import PreprocessPaths, find_archive
 from ..core.files import atomic_path
 from ..core.params import PreprocessParams
 from . import cifar
@@ -114,3 +115,8 @@ def preprocess(
         size / 1e6, stats["mean"], stats["std"],
     )
     return stats
+
+
+def run(pre: PreprocessParams, paths: PreprocessPaths) -> dict:
+    """The preprocess stage: the download stage's archive into the tensor cache."""
+    return preprocess(find_archive(paths.raw), paths.cache_dir, pre, log_dir=paths.log_dir)

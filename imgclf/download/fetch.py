@@ -15,10 +15,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from ..core.errors import PipelineError
+from ..core.params import DownloadParams
+from ..core.paths import DownloadPaths
 from ..core.files import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
@@ -150,3 +153,9 @@ def fetch(url: str, out_dir: str | os.PathLike, *, md5: str = "", timeout: float
             )
         log.info("wrote %s (%d bytes, md5 %s)", out_dir / name, dst.stat().st_size, digest)
     return out_dir / name
+
+
+def run(download: DownloadParams, paths: DownloadPaths) -> dict[str, Any]:
+    """The download stage: ``download.url`` into ``paths.raw``, verified."""
+    archive = fetch(download.url, paths.raw, md5=download.md5, timeout=download.timeout)
+    return {"archive": str(archive), "bytes": archive.stat().st_size}

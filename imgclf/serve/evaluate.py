@@ -14,6 +14,7 @@ from torch import nn
 from ..cache.dataset import load_cache
 from ..core.files import atomic_path, write_json
 from ..core.params import EvaluateParams
+from ..core.paths import EvaluatePaths
 from ..models.bundle import load_state_dict_model
 from ..models.runtime import predict_logits, resolve_device
 from ..models.tta import OFF, views
@@ -58,3 +59,8 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, evalua
     worst = sorted((v, k) for k, v in per_class.items() if v is not None)[:3]
     log.info("weakest classes: %s", ", ".join(f"{k} {v:.3f}" for v, k in worst))
     return metrics
+
+
+def run(evaluate_params: EvaluateParams, paths: EvaluatePaths) -> dict[str, Any]:
+    """The evaluate stage: the exported model on the cached test split."""
+    return evaluate(paths.bundle, paths.cache_dir, evaluate_params, paths.metrics_out, paths.predictions)

@@ -11,6 +11,7 @@ another order.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,11 +22,16 @@ from typing import Any
 
 import torch
 
+from ..cache.dataset import load_cache
 from ..core.errors import PipelineError, describe_os_error
-from ..core.files import atomic_path, save_torch
+from ..core.files import atomic_path, save_torch, write_json
+from ..core.params import ExportParams
+from ..core.paths import ExportPaths
 from ..models.bundle import load_state_dict_model, load_whole_model, model_from_bundle, read_bundle
 from ..models.tta import with_tta
 from . import serving
+
+log = logging.getLogger(__name__)
 
 
 def _logits_of_files(files: dict[str, str], images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -132,4 +138,20 @@ def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, bundle_out
         report[f"{fmt}_bytes"] = (serving_out / serving.FILE_NAMES[fmt]).stat().st_size
     if formats:
         report["tolerance"] = tolerance
+    return report
+
+
+def run(export_params: ExportParams, paths: ExportPaths) -> dict[str, Any]:
+    """The export stage: every model file from the trained bundle, each proven on the first
+    ``export.check_batch`` test images; the report goes to ``paths.metrics_out``."""
+    images = load_cache(paths.cache_dir, splits=("test",)).test.images[: export_params.check_batch].clone()
+    formats = [f for f in serving.FORMATS if getattr(export_params, f)]
+    report = export(paths.trained, paths.whole_model, paths.bundle, paths.serving_dir, images, formats=formats,
+                    tolerance=export_params.tolerance, tta_flip=export_params.tta_flip,
+                    tta_shift=export_params.tta_shift)
+    write_json(paths.metrics_out, report)
+    written = [paths.whole_model, paths.bundle, *(paths.serving_dir / serving.FILE_NAMES[f] for f in formats)]
+    log.info("exported %s; all reload in a fresh process and agree on %d images%s", ", ".join(map(str, written)),
+             report["verified_images"],
+             "".join(f"; {f} max |logit diff| {report[f'max_abs_diff_{f}']:.2g}" for f in formats))
     return report

@@ -184,7 +184,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     parser.add_argument(
-        "--model", type=Path, default=project_paths.EXPORTED_BUNDLE,
+        "--model", type=Path, default=project_paths.STAGES["export"].bundle,
         help="state_dict bundle written by the export stage (default: %(default)s), or its "
         "ONNX file (models/serving/model.onnx: runs with onnxruntime)",
     )

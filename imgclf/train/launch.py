@@ -20,12 +20,14 @@ import argparse
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import PipelineError
-from ..core.params import ModelParams, Params, TrainParams, load_params, parse_params, read_yaml
+from ..core.params import ModelParams, Params, TrainParams, TrainSections, load_params, parse_params, read_yaml
+from ..core.paths import PARAMS, TrainPaths
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +180,21 @@ def _run(torchrun, args: list[str], model_params: ModelParams, train_params: Tra
                                 "`dvc repro` running there, and is that its address?") from None
         raise PipelineError(f"cannot host the rendezvous at {where} ({cause}); is the port "
                             "free, and is the host this machine?") from None
+
+
+def read_section(name: str = "train") -> TrainSections:
+    """The train stage's params: params.yaml, with a joining node's ``-S`` values applied."""
+    params = read_params(PARAMS, parse_stage_args(sys.argv[1:]))
+    return TrainSections(params.model, params.train)
+
+
+def run(sections: TrainSections, paths: TrainPaths) -> dict[str, Any]:
+    """The train stage: train here, or, for several processes or nodes, restart this script
+    under torchrun (``--join``: as one of the other nodes)."""
+    args = parse_stage_args(sys.argv[1:])
+    if needs_torchrun(sections.train):
+        launch(sections.model, sections.train, sys.argv[0], sys.argv[1:], join=args.join)
+        return {}  # rank 0 wrote the metrics
+    from .loop import train  # here: the launching process never trains (saves ~2 s)
+
+    return train(sections.model, sections.train, paths)

@@ -30,6 +30,7 @@ from ..cache.dataset import META_FILE, Cache, Split, hold_out, load_cache, load_
 from ..core.errors import PipelineError
 from ..core.files import atomic_path, save_torch, write_json
 from ..core.params import ModelParams, TrainParams
+from ..core.paths import TrainPaths
 from ..models import registry
 from ..models.bundle import make_bundle
 from ..models.runtime import configure_threads, predict_logits, resolve_device, resolve_precision, synchronize
@@ -41,17 +42,6 @@ from .epoch_log import EpochLog
 from .trainee import Trainee, build_trainee, epoch_batches, run_steps
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class TrainPaths:
-    cache_dir: Path
-    model_out: Path  # the trained model bundle (a DVC output)
-    metrics_out: Path  # final training metrics (JSON)
-    curve_out: Path  # per-epoch metrics for `dvc plots` (CSV)
-    checkpoint: Path  # resumable state, outside DVC's outputs
-    log_dir: Path | None  # TensorBoard
-    live_dir: Path | None = None  # DVCLive's latest-epoch summary
-
 
 @dataclass
 class Run:
