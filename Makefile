@@ -27,24 +27,21 @@ run: install
 	elif [ $$status = 3 ]; then $(MAKE) --no-print-directory demo; \
 	else exit $$status; fi
 
-# The demo: the sample of real CIFAR-10 images the project commits (data/sample/cifar10-sample:
-# 200 train and 50 test images per class, drawn by tools/make_sample.py; its PROVENANCE says
-# how), trained with the speed recipe's network at width 16, chosen on the sample's held-out
-# images (docs/demo.md). It runs in a temporary copy (--temp), so the workspace and
+# The demo (recipes/demo.yaml): the sample of real CIFAR-10 images the project commits
+# (data/sample/cifar10-sample: 200 train and 50 test images per class, drawn by
+# tools/make_sample.py; its PROVENANCE says how), trained with the speed recipe's network at
+# width 16 (docs/demo.md). It runs in a temporary copy (--temp), so the workspace and
 # params.yaml stay as they are; `dvc exp apply demo` brings its outputs here.
 # SAMPLE_SOURCE=/path/to/cifar10-jpeg.tar.gz remakes the sample from that archive where it is missing.
 SAMPLE_SOURCE ?=
 SAMPLE := data/sample/cifar10-sample
 DEMO_MODEL := data/sample/demo-model_state.pt
-DEMO_PARAMS := -S preprocess.dataset=imagefolder -S download.url=$(SAMPLE) -S "download.md5=''" \
-	-S model.arch=whitened_net -S model.width=16 -S train.epochs=15 -S train.batch_size=128 -S train.lr=0.5 \
-	-S train.momentum=0.85 -S train.weight_decay=0.0013 -S train.bias_lr_scale=64 -S train.label_smoothing=0.2 \
-	-S train.lookahead=true -S train.augment.flip=alternate -S train.augment.crop_padding=2 -S train.val_fraction=0 \
-	-S export.tta_flip=true -S export.tta_shift=1
+# The recipes (recipes/*.yaml) as -S arguments; R=... adds or overrides values, e.g. R='-S train.seed=1'.
+RECIPE = $(BIN)/python -m imgclf.recipes
 
 demo: install $(SAMPLE)/PROVENANCE
 	@dvc exp remove demo >/dev/null 2>&1 || true
-	dvc exp run --temp -n demo $(DEMO_PARAMS)
+	args=$$($(RECIPE) demo) && dvc exp run --temp -n demo $$args
 	@dvc exp show --no-pager --md --drop '.*' --keep 'Experiment|test_acc|train_seconds|train_pflop|model.arch|train.epochs'
 	@dvc get . models/model_state.pt --rev demo -o $(DEMO_MODEL) --force
 	@find $(SAMPLE)/test -type f | sort | awk -F/ '!seen[$$(NF-1)]++' | head -4 | xargs $(BIN)/imgclf-predict --model $(DEMO_MODEL)
@@ -59,30 +56,17 @@ $(SAMPLE)/PROVENANCE:
 test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
-# The fast recipe: a narrow batch-normalised ResNet-9, one-cycle schedule, label smoothing,
-# flip + shift test-time augmentation; 13 epochs fit in 10 minutes on 2 CPU cores (README).
-# A final run: all the training images (val_fraction=0), judged once on the test set.
-FAST_RECIPE := -S model.arch=resnet_fast -S model.width=32 -S train.batch_size=256 \
-	-S train.lr=0.2 -S train.epochs=13 -S train.label_smoothing=0.2 -S train.val_fraction=0 \
-	-S export.tta_flip=true -S export.tta_shift=1
-
-fast: install
-	dvc exp run $(FAST_RECIPE)
-
-# The speed recipe (docs/recipes.md): the CIFAR-10 speed records' design in the pipeline's
-# params - whitened_net (a frozen whitening first layer, identity init, batch norm with frozen
-# scales and 64x faster biases, GELU), Nesterov SGD at batch 1024, lookahead, alternating flips
-# and 2-pixel translations, label smoothing, 6-view TTA; 10 epochs, 0.35 PFLOP.
-# VAL=0.1 holds out 5,000 training images and reports on them (choosing); the default VAL=0
-# trains on all 50,000 and evaluate reports the test set once (the final run).
+# The fast and speed recipes (recipes/fast.yaml, recipes/speed.yaml; docs/recipes.md), each one
+# experiment in a temporary copy (--temp): params.yaml stays as it is, and `dvc exp apply <name>`
+# brings a run's outputs and params into the workspace. VAL=0.1 holds out 10% of the training
+# images and reports on them (choosing); the default VAL=0 trains on all of them and evaluate
+# reports the test set once (the final run).
 VAL ?= 0
-SPEED_RECIPE := -S model.arch=whitened_net -S model.width=64 -S train.epochs=10 -S train.batch_size=1024 \
-	-S train.lr=1.5 -S train.momentum=0.85 -S train.weight_decay=0.0013 -S train.bias_lr_scale=64 \
-	-S train.label_smoothing=0.2 -S train.lookahead=true -S train.augment.flip=alternate \
-	-S train.augment.crop_padding=2 -S train.val_fraction=$(VAL) -S export.tta_flip=true -S export.tta_shift=1
+fast: install
+	args=$$($(RECIPE) fast -S train.val_fraction=$(VAL)) && dvc exp run --temp $$args $(R)
 
 speedrun: install
-	dvc exp run $(SPEED_RECIPE)
+	args=$$($(RECIPE) speed -S train.val_fraction=$(VAL)) && dvc exp run --temp $$args $(R)
 
 bench: install
 	$(BIN)/python -m imgclf.bench

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shlex
 import shutil
 import subprocess
 import sys
@@ -124,15 +123,6 @@ def test_the_summary_gives_each_step_and_the_ratios_to_the_peers(tmp_path, monke
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| airbench94 | ok | 20.5 | 94.00% ± 0.00% (n=2) | 5.00 ± 1.41 (n=2) |" in table
     assert "| speed-seed2 | timeout |" in table and "300 s of a 540 s budget" in table
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_the_speed_recipe_is_read_from_the_makefile_as_make_passes_it():
-    printed = subprocess.run(["make", "-s", "-n", "-C", str(ROOT), "speedrun", "VAL=0"], capture_output=True,
-                             text=True, check=True).stdout
-    from_make = shlex.split(printed.strip().splitlines()[-1])
-    assert from_make[:3] == ["dvc", "exp", "run"]
-    assert gpu_check().make_args(ROOT / "Makefile", "SPEED_RECIPE", {"VAL": "0"}) == from_make[3:]
 
 
 def test_the_peers_cache_is_the_pipelines_or_made_in_their_layout(tmp_path):

@@ -1,7 +1,6 @@
 """The parts of ``tools/gpu_check.sh`` that are easier in Python: reading a recipe from the
 Makefile, checking the cache the reference peers read, and the summary of all steps.
 
-    python tools/gpu_check.py make-args Makefile SPEED_RECIPE VAL=0     # one argument per line
     python tools/gpu_check.py anchor-cache data/processed OUT            # OUT only if the layout differs
     python tools/gpu_check.py summary LOGDIR OUTDIR                      # OUTDIR/summary.{md,json}
 
@@ -16,33 +15,10 @@ import csv
 import json
 import os
 import re
-import shlex
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
-
-# --- The recipe, as `make` would pass it ---------------------------------------------------
-
-
-def make_args(makefile: Path, name: str, values: dict[str, str]) -> list[str]:
-    """The words of ``NAME := ...`` in ``makefile`` (continuation lines joined), with each
-    ``$(VAR)`` replaced by ``values[VAR]``: what ``make`` hands to ``dvc exp run``."""
-    lines = makefile.read_text().splitlines()
-    for i, line in enumerate(lines):
-        m = re.match(rf"^{re.escape(name)}\s*:?=\s*(.*)$", line)
-        if not m:
-            continue
-        text = m.group(1)
-        while text.endswith("\\"):
-            i += 1
-            text = text[:-1] + " " + lines[i].strip()
-        missing = sorted(set(re.findall(r"\$\((\w+)\)", text)) - set(values))
-        if missing:
-            raise SystemExit(f"{makefile}: {name} uses {', '.join(missing)}: pass them as VAR=value")
-        return shlex.split(re.sub(r"\$\((\w+)\)", lambda v: values[v.group(1)], text))
-    raise SystemExit(f"{makefile}: no variable {name}")
-
 
 # --- The cache the reference peers read ---------------------------------------------------
 
@@ -309,10 +285,6 @@ def markdown(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python tools/gpu_check.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("make-args")
-    a.add_argument("makefile", type=Path)
-    a.add_argument("name")
-    a.add_argument("values", nargs="*", help="VAR=value")
     a = sub.add_parser("anchor-cache")
     a.add_argument("processed", type=Path)
     a.add_argument("out", type=Path)
@@ -321,9 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("logdir", type=Path)
     a.add_argument("outdir", type=Path)
     args = ap.parse_args(argv)
-    if args.cmd == "make-args":
-        print("\n".join(make_args(args.makefile, args.name, dict(v.split("=", 1) for v in args.values))))
-    elif args.cmd == "anchor-cache":
+    if args.cmd == "anchor-cache":
         print(anchor_cache(args.processed, args.out, args.data))
     else:
         summary = summarise(args.logdir)

@@ -8,7 +8,7 @@
 #   setup            dvc from WHEELS if it is not importable, a `python` first on PATH, a git
 #                    identity, the copy (a git repo with one commit, DVC as the project has it)
 #   pipeline         the default pipeline, whole: `dvc exp run` on the image-folder archive DATA
-#   speed-seed<N>    the speed recipe (the Makefile's SPEED_RECIPE, VAL=0) for seeds 0..SEEDS-1;
+#   speed-seed<N>    the speed recipe (recipes/speed.yaml, val_fraction 0) for seeds 0..SEEDS-1;
 #                    seeds after the first skip the ONNX/.pt2 serving files (not training time)
 #   anchor-cache     checks that data/processed has the layout the peers read (else writes one;
 #                    without data/processed, preprocesses DATA itself, so the peers still run)
@@ -244,7 +244,7 @@ if want pipeline; then
 fi
 
 if want speed; then
-    mapfile -t SPEED < <("$PY" "$REPO/tools/gpu_check.py" make-args "$REPO/Makefile" SPEED_RECIPE VAL=0)
+    mapfile -t SPEED < <(cd "$REPO" && "$PY" -m imgclf.recipes speed -S train.val_fraction=0 --lines)
     for (( seed = 0; seed < SEEDS; seed++ )); do
         if (( seed == 0 )); then
             dvc_step speed-seed0 "${LIMIT[speed-first]}" "${SPEED[@]}" -S train.seed=0

@@ -8,8 +8,8 @@ one-off costs: preprocessing, loading the cache, a no-op ``dvc repro`` and one f
 
     python -m imgclf.bench [--archive PATH] [--project DIR] [--quick] [--json OUT] [--device auto|cpu|cuda]
 
-Every throughput is the median of >= 5 timed repeats after warm-up. The README (Speed) explains
-each row and holds a measured table.
+Every throughput is the median of >= 5 timed repeats after warm-up. docs/speed.md explains each
+row and holds a measured table.
 
 No stage imports this package, so bench-only code (the classic DataLoader path, timing, the
 report) lives here and changing it reruns nothing:
@@ -22,6 +22,6 @@ report) lives here and changing it reruns nothing:
 - :mod:`.machine`: what the machine is and how busy it is;
 - :mod:`.rows`: which throughput rows are measured, and the ratios between them;
 - :mod:`.run`: the whole run (data, one-off costs, rows, one epoch of train());
-- :mod:`.report`: the Markdown the README quotes;
+- :mod:`.report`: the Markdown docs/speed.md quotes;
 - :mod:`.cli`: ``python -m imgclf.bench``.
 """

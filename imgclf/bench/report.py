@@ -1,4 +1,4 @@
-"""The results as the Markdown the README quotes: the run and machine, one table per recipe,
+"""The results as the Markdown docs/speed.md quotes: the run and machine, one table per recipe,
 the one-off costs."""
 
 from __future__ import annotations

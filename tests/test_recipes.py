@@ -1,0 +1,77 @@
+"""The recipes (recipes/*.yaml) are defined once: the Makefile, the bench and the GPU check
+read them through imgclf.recipes, and a bad one is one line before anything runs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from imgclf import recipes
+from imgclf.bench.feeders import RECIPES
+from imgclf.core.errors import PipelineError
+from imgclf.core.params import load_params, parse_params
+
+from helpers import ROOT
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_each_recipe_is_valid_params_laid_over_params_yaml(name):
+    args = recipes.set_args(name, params=ROOT / "params.yaml")
+    assert args[0::2] == ["-S"] * (len(args) // 2)
+    overlay = recipes.flatten(recipes.load(name))
+    assert [a.split("=", 1)[0] for a in args[1::2]] == list(overlay)
+    # Every key is a params key (laid over params.yaml, the schema takes them all).
+    base = recipes.flatten(load_params(ROOT / "params.yaml").model_dump())
+    assert set(overlay) <= set(base), name
+
+
+def test_the_recipes_are_the_ones_documented():
+    assert recipes.names() == ["demo", "fast", "speed"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv/bin/python").exists(),
+                    reason="needs make and the project's .venv (make install)")
+@pytest.mark.parametrize("target,name,extra", [("speedrun", "speed", ["-S", "train.val_fraction=0.1"]),
+                                               ("fast", "fast", ["-S", "train.val_fraction=0"]),
+                                               ("demo", "demo", [])])
+def test_make_passes_the_recipe_to_dvc_as_written(target, name, extra):
+    """`make -n` prints the command; run through the shell as make runs it, it hands dvc the
+    recipe's arguments, the VAL value last, in a temporary copy (the workspace untouched)."""
+    vals = ["VAL=0.1"] if target == "speedrun" else []
+    printed = subprocess.run(["make", "-s", "-n", "-C", str(ROOT), target, *vals], capture_output=True, text=True,
+                             check=True).stdout
+    line = next(line for line in printed.splitlines() if "dvc exp run" in line)
+    # What the shell hands dvc: replace dvc with a printer of its arguments.
+    shown = subprocess.run(["bash", "-c", line.replace("dvc exp run", 'printf "%s\\n"', 1)], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert shown[0] == "--temp"
+    expected = recipes.set_args(name, [e for e in extra[1::2]], params=ROOT / "params.yaml")
+    assert [a for a in shown if a not in ("--temp", "-n", "demo")] == expected
+
+
+def test_the_bench_measures_the_fast_recipe_as_make_fast_trains_it():
+    fast = next(r for r in RECIPES if r.name == "fast")
+    values = recipes.flatten(recipes.load("fast"))
+    assert (fast.arch, fast.width, fast.batch, fast.lr, fast.label_smoothing) == (
+        values["model.arch"], values["model.width"], values["train.batch_size"], values["train.lr"],
+        values["train.label_smoothing"])
+
+
+def test_a_bad_recipe_is_one_line_naming_its_file(tmp_path):
+    (tmp_path / "typo.yaml").write_text("train:\n  lrr: 0.1\n")
+    (tmp_path / "range.yaml").write_text("train:\n  epochs: 0\n")
+    with pytest.raises(PipelineError, match=r"typo\.yaml.*unknown key 'train\.lrr'"):
+        recipes.set_args("typo", params=ROOT / "params.yaml", folder=tmp_path)
+    with pytest.raises(PipelineError, match=r"range\.yaml.*train\.epochs"):
+        recipes.set_args("range", params=ROOT / "params.yaml", folder=tmp_path)
+    with pytest.raises(PipelineError, match="no recipe 'nope'.*recipes: range, typo"):
+        recipes.set_args("nope", folder=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "imgclf.recipes", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+    # A -S value that overrides the recipe is checked too.
+    with pytest.raises(PipelineError, match="train.lr"):
+        recipes.set_args("speed", ["train.lr=-1"], params=ROOT / "params.yaml")
+    assert parse_params({"train": {"lr": 1.5}}).train.lr == 1.5
