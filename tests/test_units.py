@@ -432,6 +432,28 @@ def test_dvc_yaml_declares_the_paths_and_sections_each_stage_is_given():
         assert f'run_stage("{name}", ' in script and len([line for line in code if line.strip()]) <= 5, name
 
 
+def test_params_yaml_comments_and_docs_params_md_are_generated_from_the_schema(tmp_path):
+    """Each param is described once, in the schema: params.yaml's comments and docs/params.md
+    are what tools/params_doc.py makes of it, and an edit to either alone is caught."""
+    import subprocess
+    import sys
+
+    tool = [sys.executable, str(ROOT / "tools/params_doc.py"), "--check"]
+    proc = subprocess.run([*tool, "--root", str(ROOT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/params.md").write_text((ROOT / "docs/params.md").read_text())
+    edited = (ROOT / "params.yaml").read_text().replace("# peak learning rate", "# the learning rate, hand-edited")
+    assert edited != (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(edited)
+    proc = subprocess.run([*tool, "--root", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"{tmp_path / 'params.yaml'} is stale" in proc.stderr
+    assert "+  lr: 0.05                  # peak learning rate" in proc.stderr
+    # Values are the user's: a changed value is kept, with its comment.
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("lr: 0.05 ", "lr: 0.07 "))
+    assert subprocess.run([*tool, "--root", str(tmp_path)], capture_output=True).returncode == 0
+
+
 def test_subpackages_import_each_other_without_cycles():
     """The subpackages form layers (core at the bottom): no two import each other, directly
     or round a longer loop."""

@@ -44,11 +44,9 @@ class _Section(BaseModel):
 
 
 class DownloadParams(_Section):
-    # http(s):// or file:// URL, or a local path (an archive, or a folder of class folders).
-    url: str = OFFICIAL_URL
-    # Expected md5 of the fetched archive; "" skips the check (e.g. a folder source).
-    md5: str = OFFICIAL_MD5
-    timeout: float = Field(30.0, gt=0, le=600)  # seconds per network operation
+    url: str = Field(OFFICIAL_URL, description="http(s)://, file:// or a local path: an archive, or a folder of class folders")
+    md5: str = Field(OFFICIAL_MD5, description="of the fetched archive; '' skips the check (a folder source)")
+    timeout: float = Field(30.0, gt=0, le=600, description="seconds per network operation")
 
     @field_validator("md5")
     @classmethod
@@ -67,31 +65,33 @@ class DownloadParams(_Section):
 
 
 class PreprocessParams(_Section):
-    dataset: Literal["cifar10", "imagefolder"] = "cifar10"
-    image_size: int = Field(32, ge=8, le=1024)  # pixels, square
-    bad_images: Literal["fail", "skip"] = "fail"  # imagefolder: corrupt or non-image files
-    workers: int = Field(0, ge=0, le=256)  # image-decoding threads; 0 = one per core
-    sample_images: int = Field(64, ge=0, le=1024)  # images in the TensorBoard grid
+    dataset: Literal["cifar10", "imagefolder"] = Field(
+        "cifar10", description="cifar10: the official python archive; imagefolder: train/ and test/ (or val/) class folders")
+    image_size: int = Field(32, ge=8, le=1024, description="pixels (square) every image is resized to")
+    bad_images: Literal["fail", "skip"] = Field("fail", description="imagefolder: fail on, or skip, corrupt or non-image files")
+    workers: int = Field(0, ge=0, le=256, description="decoding threads; 0 = one per core")
+    sample_images: int = Field(64, ge=0, le=1024, description="images in the TensorBoard grid")
     # Limits on hostile or broken input, checked before the bytes are read or decoded. Megabytes
-    # are 10^6 bytes. A CIFAR-10 batch is 31 MB, a 24-megapixel JPEG photo about 10 MB.
-    max_member_mb: float = Field(64, gt=0, le=1_000_000)  # one archive member, uncompressed
-    max_total_mb: float = Field(200_000, gt=0, le=100_000_000)  # the whole archive, uncompressed
-    # Pixels of one image (width x height, from its header). The upper bound is Pillow's and
-    # OpenCV's hard limit here (imgclf.data.decode.BACKSTOP_PIXELS).
-    max_megapixels: float = Field(50, gt=0, le=178)
+    # are 10^6 bytes. The upper bound of max_megapixels is Pillow's and OpenCV's hard limit here
+    # (imgclf.data.decode.BACKSTOP_PIXELS).
+    max_member_mb: float = Field(64, gt=0, le=1_000_000,
+                                 description="MB (10^6 bytes) per archive member, uncompressed (a CIFAR-10 batch is 31)")
+    max_total_mb: float = Field(200_000, gt=0, le=100_000_000, description="MB, all members of the archive together, uncompressed")
+    max_megapixels: float = Field(50, gt=0, le=178, description="width x height of one image, millions, read from its header")
 
 
 class ModelParams(_Section):
-    arch: str = "seed_cnn_bn"  # a file in imgclf/models/archs/ registers it (checked by the train stage)
-    pretrained: bool = False  # vgg16 only: ImageNet weights (needs a download)
-    width: int = Field(64, ge=8, le=1024)  # resnet_fast, whitened_net: channels of the first block
+    arch: str = Field("seed_cnn_bn", description="an architecture of imgclf/models/archs/ (docs/params.md lists them)")
+    pretrained: bool = Field(False, description="vgg16: start from ImageNet weights (needs a download)")
+    width: int = Field(64, ge=8, le=1024, description="resnet_fast, whitened_net: the network's channels (docs/params.md)")
 
 
 class AugmentParams(_Section):
-    crop_padding: int = Field(4, ge=0, le=64)  # pixels of reflect padding before a random crop; < image size
-    # true: mirror a random half each epoch; 'alternate': a fixed random half in even epochs and
-    # the other half in odd ones (every image seen both ways every two epochs); false: never.
-    flip: bool | Literal["alternate"] = True
+    crop_padding: int = Field(4, ge=0, le=64, description="pixels of reflect padding before a random crop; 0 = off; < image_size")
+    # 'alternate': a fixed random half in even epochs and the other half in odd ones, so every
+    # image is seen both ways every two epochs.
+    flip: bool | Literal["alternate"] = Field(
+        True, description="true: mirror a random half each epoch | alternate: a fixed half, then the other | false")
 
     @field_validator("flip", mode="before")
     @classmethod
@@ -102,38 +102,41 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1, le=65_536)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0, le=100)
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    nesterov: bool = True  # sgd only
-    weight_decay: float = Field(5e-4, ge=0, le=1)  # not on biases and norm parameters
-    # Learning rate of the biases and norm parameters, as a multiple of lr (the speed records
-    # train batch norm's biases 64x faster than the weights while its scales stay frozen).
-    bias_lr_scale: float = Field(1.0, gt=0, le=1000)
-    # Lookahead: every 5 steps the weights are pulled back towards an average of their past
-    # values, more strongly as training ends; the run ends on the average (imgclf/train/lookahead.py).
-    lookahead: bool = False
-    schedule: Literal["constant", "cosine", "onecycle", "linear"] = "onecycle"
-    warmup_epochs: float = Field(1.0, ge=0, le=10_000)  # cosine/linear only
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # Share of each class's training images held out for the per-epoch validation metrics;
-    # 0 = train on all of them, and measure no held-out data during training.
-    val_fraction: float = Field(0.1, ge=0, le=0.5)
-    augment: AugmentParams = AugmentParams()
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    device: str = "auto"  # auto = CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
-    compile: bool = False  # torch.compile; pays off on GPU for long runs
-    threads: int = Field(0, ge=0, le=1024)  # CPU threads; 0 = all cores (shared among processes)
-    processes: int = Field(1, ge=1, le=1024)  # per node; >1: torchrun, one process per GPU (DDP)
-    nodes: int = Field(1, ge=1, le=1024)  # machines; >1: torchrun's c10d rendezvous at rdzv_endpoint
-    # "host:port" of the first node (the one `dvc repro` runs on), which hosts the rendezvous;
+    epochs: int = Field(10, ge=1, le=10_000, description="passes over the training images")
+    batch_size: int = Field(128, ge=1, le=65_536, description="images per step, over all processes")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="sgd (with momentum) | adam | adamw")
+    lr: float = Field(0.05, gt=0, le=100, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd")
+    nesterov: bool = Field(True, description="sgd: Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="not applied to biases and norm parameters")
+    # The speed records train batch norm's biases 64x faster than the weights while its
+    # scales stay frozen.
+    bias_lr_scale: float = Field(1.0, gt=0, le=1000,
+                                 description="learning rate of biases and norm parameters, as a multiple of lr")
+    # More strongly as training ends (imgclf/train/lookahead.py).
+    lookahead: bool = Field(False, description="every 5 steps pull the weights back to their running average; end on it")
+    schedule: Literal["constant", "cosine", "onecycle", "linear"] = Field(
+        "onecycle", description="the learning rate over the run: constant | cosine | onecycle | linear")
+    warmup_epochs: float = Field(1.0, ge=0, le=10_000, description="cosine, linear: epochs of linear warm-up")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of each target spread over all classes")
+    # The same images every run; with 0, evaluate's test figures are the run's only held-out ones.
+    val_fraction: float = Field(0.1, ge=0, le=0.5, description=(
+        "share of each class's training images held out for the val_ metrics; 0 = train on all (a final run)"))
+    augment: AugmentParams = Field(AugmentParams(), description="training-time augmentation")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="initial weights, augmentation and batch order")
+    device: str = Field("auto", description="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto (bf16 where the hardware has it) | fp32 | bf16 | fp16")
+    channels_last: bool = Field(True, description="NHWC memory format for the convolutions")
+    compile: bool = Field(False, description="torch.compile the model (pays off on a GPU, for long runs)")
+    threads: int = Field(0, ge=0, le=1024, description="CPU threads; 0 = all cores available (shared among a node's processes)")
+    processes: int = Field(1, ge=1, le=1024, description="training processes per node, one per GPU; >1: torchrun + DDP")
+    nodes: int = Field(1, ge=1, le=1024,
+                       description="machines; >1: the others run `python stages/train.py --join` (docs/distributed.md)")
     # validate_default: nodes > 1 with the default "" must fail too.
-    rdzv_endpoint: str = Field("", validate_default=True)
-    dist_timeout: int = Field(300, ge=5, le=86_400)  # seconds a rendezvous or a collective waits for a missing peer
+    rdzv_endpoint: str = Field("", validate_default=True,
+                               description="host:port of the first node (where dvc repro runs); needed when nodes > 1")
+    dist_timeout: int = Field(300, ge=5, le=86_400, description="seconds a rendezvous or a collective waits for a missing peer")
 
     @field_validator("device")
     @classmethod
@@ -164,29 +167,30 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    batch_size: int = Field(1000, ge=1, le=65_536)
+    batch_size: int = Field(1000, ge=1, le=65_536, description="test images per forward pass")
 
 
 class ExportParams(_Section):
-    check_batch: int = Field(32, ge=1, le=4096)  # images used to prove the exports agree
-    onnx: bool = True  # also write models/serving/model.onnx (onnxruntime, TensorRT, ...)
-    pt2: bool = True  # also write models/serving/model.pt2 (torch.export)
-    # Largest |logit difference| the ONNX and .pt2 files may show against PyTorch: float32
-    # reordering gives ~1e-6; a wrong graph gives differences of order 1.
-    tolerance: float = Field(1e-3, gt=0, le=1)
+    check_batch: int = Field(32, ge=1, le=4096, description="test images the reloaded exports must agree on")
+    onnx: bool = Field(True, description="also write models/serving/model.onnx (onnxruntime, TensorRT, OpenVINO, Triton)")
+    pt2: bool = Field(True, description="also write models/serving/model.pt2 (torch.export.load)")
+    # float32 reordering gives ~1e-6; a wrong graph gives differences of order 1.
+    tolerance: float = Field(1e-3, gt=0, le=1,
+                             description="largest |logit difference| allowed between PyTorch and the ONNX/.pt2 files")
     # Test-time augmentation, part of the exported model (imgclf/models/tta.py): evaluate, predict and
     # the serving files all average these views.
-    tta_flip: bool = False  # average logits of the image and its mirror
-    tta_shift: int = Field(0, ge=0, le=8)  # pixels: also average views shifted by (+s,+s), (-s,-s); 0 = off; < image size
+    tta_flip: bool = Field(False, description="test-time augmentation: average the logits of each image and its mirror")
+    tta_shift: int = Field(0, ge=0, le=8, description="pixels; >0 also averages views shifted by (+s,+s) and (-s,-s); < image_size")
 
 
 class Params(_Section):
-    download: DownloadParams = DownloadParams()
-    preprocess: PreprocessParams = PreprocessParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    export: ExportParams = ExportParams()
+    download: DownloadParams = Field(DownloadParams(), description="where the dataset comes from (the download stage)")
+    preprocess: PreprocessParams = Field(PreprocessParams(), description="decoding into the tensor cache")
+    model: ModelParams = Field(ModelParams(), description="the network (read by train; exports carry it)")
+    train: TrainParams = Field(TrainParams(), description="how the network is trained")
+    evaluate: EvaluateParams = Field(
+        EvaluateParams(), description="the exported model (models/model_state.pt), with its test-time augmentation")
+    export: ExportParams = Field(ExportParams(), description="the model files and the proof that they agree")
 
 
 class TrainSections(NamedTuple):

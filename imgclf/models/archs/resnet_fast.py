@@ -28,13 +28,13 @@ def _conv_bn(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@architecture(meaning={"width": "channels of the first stage (then 2x, 4x, 8x)"})
+@architecture(meaning={"width": "channels of the first layer (the three stages: 2x, 4x, 8x)"})
 def resnet_fast(num_classes: int = 10, image_size: int = 32, width: int = 64) -> nn.Sequential:
     """A small batch-normalised residual net in the style of the CIFAR-10 speed records
-    (ResNet-9 of the DAWNBench entries, airbench): three stages at widths w, 2w, 4w with a
-    max-pool in each, residual blocks after the first and last, a global max-pool and a
-    scaled linear head. ``width`` 64 is the original ResNet-9 (6.5M parameters); the CPU
-    recipe uses a narrower one."""
+    (ResNet-9 of the DAWNBench entries, airbench): a first layer of w channels, then three
+    stages at 2w, 4w and 8w with a max-pool in each, residual blocks after the first and last,
+    a global max-pool and a scaled linear head. ``width`` 64 is the original ResNet-9 (6.5M
+    parameters); the CPU recipe uses a narrower one."""
     w = width
     return nn.Sequential(
         OrderedDict(

@@ -8,7 +8,7 @@ from ...core.errors import PipelineError
 from ..registry import architecture
 
 
-@architecture(build_only=("pretrained",))
+@architecture(build_only=("pretrained",), meaning={"pretrained": "start from ImageNet weights (a download)"})
 def vgg16(num_classes: int = 10, image_size: int = 32, pretrained: bool = False) -> nn.Module:
     """torchvision's VGG16 modified as in §4.9: the last classifier layer is replaced.
 
