@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 import torch
-import yaml
+from ruamel.yaml import YAML
 
 from imgclf.cache.dataset import Split
 from imgclf.core.files import atomic_path, file_digest
@@ -110,19 +110,11 @@ class Project:
         return self.run("git", *args)
 
     def params(self) -> dict:
-        return yaml.safe_load((self.path / "params.yaml").read_text())
+        return YAML(typ="safe").load((self.path / "params.yaml").read_text())  # YAML 1.2, as DVC reads it
 
     def set_params(self, **sections) -> None:
         """set_params(train={"epochs": 1}) merges into params.yaml."""
-        p = self.params()
-        for section, values in sections.items():
-            p.setdefault(section, {})
-            for k, v in values.items():
-                if isinstance(v, dict):
-                    p[section].setdefault(k, {}).update(v)
-                else:
-                    p[section][k] = v
-        (self.path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+        edit_params(self.path / "params.yaml", **sections)
 
     def reproduce_and_commit(self) -> Path:
         """`dvc repro`, then everything committed: a template for tests to copy (`copy_of`)."""
@@ -138,6 +130,27 @@ class Project:
             for line in proc.stdout.splitlines()
             if line.startswith("Running stage '")
         ]
+
+
+def edit_params(path: Path, **sections: dict) -> None:
+    """Merge ``sections`` into the params file at ``path`` as a person editing it would: a
+    round-trip YAML editor (YAML 1.2, as DVC reads it) that keeps every comment and the order."""
+    editor = YAML()  # round-trip
+    editor.width = 4096
+    params = editor.load(path.read_text())
+
+    def merge(into, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                if into.get(key) is None:
+                    into[key] = {}
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(params, sections)
+    with open(path, "w") as f:
+        editor.dump(params, f)
 
 
 def copy_of(template: Path, dst: Path) -> Project:

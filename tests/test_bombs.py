@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from imgclf.bench.cifar_writer import write_archive
 from imgclf.core.errors import PipelineError
@@ -38,7 +37,7 @@ from imgclf.data import safe_pickle
 from imgclf.data.cifar import FOLDER
 from imgclf.data.safe_pickle import UnsafePickleError, load_pickle
 
-from helpers import CLASSES, ROOT, make_split, make_tar, run_env
+from helpers import CLASSES, ROOT, edit_params, make_split, make_tar, run_env
 
 MAX_GROWTH_KB = 64 * 1024
 
@@ -204,9 +203,8 @@ def _stage_dir(root: Path, name: str, archive: Path, **preprocess) -> Path:
     d = root / name
     (d / "data/raw").mkdir(parents=True)
     shutil.copy(archive, d / "data/raw" / archive.name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["preprocess"].update(preprocess)
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(ROOT / "params.yaml", d / "params.yaml")
+    edit_params(d / "params.yaml", preprocess=preprocess)
     return d
 
 
