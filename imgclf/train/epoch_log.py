@@ -18,8 +18,12 @@ outputs before rerunning it, so that history is logged again first.
 
 from __future__ import annotations
 
+import copy
 import logging
+import warnings
 from pathlib import Path
+
+import torch
 
 from ..core.files import atomic_path, write_json
 
@@ -108,3 +112,13 @@ def _live(live_dir: Path):
     # "Logging to experiment 'random-name'" would mislead under `dvc repro`: keep warnings only.
     logging.getLogger("dvclive").setLevel(logging.WARNING)
     return AtomicLive(dir=str(live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+
+
+def log_first_look(writer, model: torch.nn.Module, augmented: torch.Tensor, example: torch.Tensor) -> None:
+    """TensorBoard, before the first step (tutorial §3): a grid of augmented training images
+    and the model's graph, traced on ``example`` images."""
+    writer.add_images("train/augmented samples", augmented.cpu(), 0, dataformats="NCHW")
+    graph_model = copy.deepcopy(model).float().cpu().eval()  # tracing must not touch BN stats
+    with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        writer.add_graph(graph_model, example.clone())

@@ -12,12 +12,10 @@ checkpoint), finish.
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import socket
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from ..models.shapes import check_fits, train_flops_per_image
 from . import checkpoint
 from .augment import Augmenter
 from .distributed import Distributed, is_lost_peer, lost_peer_error
-from .epoch_log import EpochLog
+from .epoch_log import EpochLog, log_first_look
 from .trainee import Trainee, build_trainee, epoch_batches, run_steps
 
 log = logging.getLogger(__name__)
@@ -86,7 +84,10 @@ def train(model_params: ModelParams, train_params: TrainParams, paths: TrainPath
                           seed=train_params.seed)
     epoch_log = EpochLog(paths.curve_out, paths.log_dir, paths.live_dir, history) if run.dist.is_main else None
     if epoch_log is not None and epoch_log.tensorboard is not None:
-        _log_start(epoch_log.tensorboard, run, augmenter)  # before the wrap: the graph of the plain model
+        n = min(64, len(run.cache.train))  # before the wrap: the graph of the plain model
+        augmented = augmenter(torch.arange(n, device=run.device),
+                              torch.Generator(run.device).manual_seed(train_params.seed))
+        log_first_look(epoch_log.tensorboard, run.trainee.model, augmented, run.cache.train.images[:2])
     forward = run.dist.wrap(run.trainee.model)
     run.trainee.step.forward = torch.compile(forward) if train_params.compile else forward
     _log_plan(run)
@@ -285,9 +286,6 @@ def _sig(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-# --- What a person watches (each epoch's row: imgclf/train/epoch_log.py) ------------------------
-
-
 def _log_plan(run: Run) -> None:
     dist = run.dist
     log.info(
@@ -298,14 +296,3 @@ def _log_plan(run: Run) -> None:
         "fp32" if run.amp is None else f"autocast {str(run.amp).removeprefix('torch.')}", run.threads,
         len(run.cache.train), run.batch, run.steps_per_epoch,
     )
-
-
-def _log_start(writer, run: Run, augmenter: Augmenter) -> None:
-    """A grid of augmented training images and the model's graph (tutorial §3)."""
-    n = min(64, len(run.cache.train))
-    sample = augmenter(torch.arange(n, device=run.device), torch.Generator(run.device).manual_seed(run.train_params.seed))
-    writer.add_images("train/augmented samples", sample.cpu(), 0, dataformats="NCHW")
-    graph_model = copy.deepcopy(run.trainee.model).float().cpu().eval()  # tracing must not touch BN stats
-    with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
-        warnings.simplefilter("ignore", FutureWarning)
-        writer.add_graph(graph_model, run.cache.train.images[:2].clone())
