@@ -278,3 +278,40 @@ def test_the_report_prints_exactly_these_rows():
 
 Bench wall time 61 s."""
     assert format_report(results) == expected
+
+
+def test_the_bench_takes_the_workspace_data_whatever_its_source(tmp_path, monkeypatch):
+    """After the demo (image folders in data/raw) the bench decodes them into an official-format
+    archive; with data it cannot use, synthetic data stands in and says why: the workspace
+    never makes the bench fail."""
+    import cv2
+
+    from imgclf.bench.run import choose_archive
+    from imgclf.bench.timing import QUICK
+
+    from helpers import CLASSES, make_split, make_tar
+
+    split = make_split(20, 0)
+    members = {}
+    for part in ("train", "test"):
+        for i, (image, label) in enumerate(zip(split.images, split.labels, strict=True)):
+            ok, png = cv2.imencode(".png", image.permute(1, 2, 0).numpy()[:, :, ::-1].copy())
+            members[f"photos/{part}/{CLASSES[label]}/{i}.png"] = png.tobytes()
+    work = tmp_path / "work"
+    (work / "data/raw").mkdir(parents=True)
+    make_tar(work / "data/raw/photos.tar", members, mode="w")
+    (work / "params.yaml").write_text("preprocess:\n  dataset: imagefolder\n")
+    monkeypatch.chdir(work)
+    archive, synthetic = choose_archive(None, False, tmp_path / "tmp1", QUICK)
+    assert synthetic is None
+    out = tmp_path / "processed"
+    preprocess(archive, out, PreprocessParams())  # the official format, which the classic row reads
+    cache = load_cache(out)
+    assert len(cache.train) == len(cache.test) == 20 and cache.classes == sorted(CLASSES)
+
+    # A file the params' format cannot read: synthetic data, and the reason.
+    (work / "data/raw/photos.tar").unlink()
+    (work / "data/raw/junk.tar").write_bytes(b"not an archive")
+    (tmp_path / "tmp2").mkdir()
+    archive, synthetic = choose_archive(None, False, tmp_path / "tmp2", QUICK)
+    assert synthetic.startswith("SYNTHETIC") and "junk.tar" in synthetic

@@ -526,3 +526,16 @@ def test_test_time_views():
     both = TestTimeAugmented(probe, flip=True, shift=1)(images)  # 6 views: 3 shifts x (image, mirror)
     expected = sum(probe(v) for d in (0, 1, -1) for v in (shift(images, d, d), shift(images, d, d).flip(-1))) / 6
     torch.testing.assert_close(both, expected)
+
+
+def test_more_training_processes_than_cores_is_warned_about():
+    """`train.processes=8` on a 2-core machine starts 8 processes that share 2 cores: the
+    launcher says so, naming the count and the limit."""
+    from imgclf.train.launch import oversubscribed
+
+    cores = len(os.sched_getaffinity(0))
+    warning = oversubscribed(TrainParams(processes=cores + 6, device="cpu"))
+    assert warning == (f"train.processes = {cores + 6} on a node with {cores} CPU cores (cpu): the processes share "
+                       f"them, which is slower than {cores} process{'es' if cores > 1 else ''}; "
+                       f"set train.processes to at most {cores}")
+    assert oversubscribed(TrainParams(processes=cores, device="cpu")) is None

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..cache.dataset import Split
+from ..cache.dataset import Split, load_cache
 from ..core import paths
 from ..core.errors import PipelineError
-from ..core.params import PreprocessParams, TrainParams
+from ..core.params import PreprocessParams, TrainParams, load_params
 from ..data.preprocess import preprocess
 from ..models.runtime import configure_threads, resolve_device, resolve_precision
 from ..models.shapes import train_flops_per_image
@@ -47,6 +47,7 @@ def run_bench(*, archive: Path | None, project: Path | None, quick: bool, device
 
     with tempfile.TemporaryDirectory(prefix="imgclf-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        given = archive is not None
         archive, synthetic = choose_archive(archive, quick, tmp, s)
         results["data"] = {"archive": str(archive), "synthetic": synthetic is not None, "note": synthetic}
         if synthetic:
@@ -54,7 +55,16 @@ def run_bench(*, archive: Path | None, project: Path | None, quick: bool, device
 
         # Preprocess the whole archive, then load the cache as training does.
         cache_dir = tmp / "processed"
-        stats = preprocess(archive, cache_dir, PreprocessParams())
+        try:
+            stats = preprocess(archive, cache_dir, PreprocessParams())
+        except PipelineError as e:
+            if given or results["data"]["synthetic"]:  # --archive's, or ours: a real error
+                raise
+            archive, synthetic = choose_archive(None, True, tmp, s)  # the workspace's archive is not usable
+            synthetic = synthetic.replace("--quick", f"the workspace's data cannot be benchmarked ({e})")
+            results["data"] = {"archive": str(archive), "synthetic": True, "note": synthetic}
+            log.warning("%s", synthetic)
+            stats = preprocess(archive, cache_dir, PreprocessParams())
         cache, load_seconds = timed_load(cache_dir)
         results["data"] |= {"num_train": len(cache.train), "num_test": len(cache.test)}
         results["preprocess"] = {"seconds": stats["seconds"], "cache_bytes": stats["cache_bytes"], "load_seconds": load_seconds}
@@ -132,7 +142,11 @@ def synthesize_archive(path: Path, num_train: int, num_test: int) -> None:
 
 
 def choose_archive(archive: Path | None, quick: bool, tmp: Path, s: Settings) -> tuple[Path, str | None]:
-    """The archive to benchmark and, when synthetic data stands in, why."""
+    """The archive to benchmark and, when synthetic data stands in, why. Without --archive:
+    the download stage's, in the format params.yaml names; image folders (the demo, your own
+    data) are decoded at 32 pixels and written as an official-format archive, which the
+    classic torchvision row reads. Nothing in the workspace makes the bench fail: where its
+    data cannot be used, synthetic data stands in and the report says why."""
     if archive is not None:
         if not archive.is_file():
             raise PipelineError(f"--archive {archive}: no such file")
@@ -142,13 +156,27 @@ def choose_archive(archive: Path | None, quick: bool, tmp: Path, s: Settings) ->
         why = "--quick"
     else:
         try:
-            return paths.find_archive(), None
-        except PipelineError:
-            why = f"no archive in {paths.STAGES['download'].raw}/ (run `dvc repro download`, or pass --archive)"
+            return _workspace_archive(tmp), None
+        except PipelineError as e:
+            why = f"the workspace's data cannot be benchmarked ({e})"
     path = tmp / "synthetic" / "cifar-10-python.tar.gz"
     path.parent.mkdir(parents=True)
     synthesize_archive(path, s.num_train, s.num_test)
     return path, f"SYNTHETIC random data ({s.num_train} train + {s.num_test} test images): {why}"
+
+
+def _workspace_archive(tmp: Path) -> Path:
+    found = paths.find_archive()
+    dataset = load_params(paths.PARAMS).preprocess.dataset if paths.PARAMS.is_file() else "cifar10"
+    if dataset == "cifar10":
+        return found
+    log.info("%s holds image folders: decoding them at 32 pixels into an official-format archive", found)
+    cache_dir = tmp / "from-folders"
+    preprocess(found, cache_dir, PreprocessParams(dataset="imagefolder", image_size=32))
+    cache = load_cache(cache_dir)
+    out = tmp / "from-folders.tar.gz"
+    write_archive(out, cache.train, cache.test, cache.classes)
+    return out
 
 
 # --- Ceilings and one-off costs --------------------------------------------------------------

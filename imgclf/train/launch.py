@@ -105,6 +105,29 @@ def torchrun_args(model_params: ModelParams, train_params: TrainParams, *, join:
     ]
 
 
+def oversubscribed(train_params: TrainParams) -> str | None:
+    """A warning when this node would start more processes than it has devices for: GPUs on
+    a CUDA device, cores on the CPU (each process then gets a share of a core)."""
+    import torch
+
+    from ..models.runtime import resolve_device
+
+    try:
+        device = resolve_device(train_params.device)
+    except PipelineError:  # no such device: each worker says so itself
+        return None
+    if device.type == "cuda":
+        have, what = torch.cuda.device_count(), "GPUs"
+    elif device.type == "cpu":
+        have, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, "CPU cores"
+    else:
+        return None
+    if train_params.processes <= have:
+        return None
+    return (f"train.processes = {train_params.processes} on a node with {have} {what} ({device.type}): the processes "
+            f"share them, which is slower than {have} process{'es' if have > 1 else ''}; set train.processes to at most {have}")
+
+
 def launch(model_params: ModelParams, train_params: TrainParams, script: str, script_args: list[str], *,
            join: bool) -> None:
     """Run ``script`` under torchrun as this node's ``train.processes`` workers; returns when
@@ -120,6 +143,9 @@ def launch(model_params: ModelParams, train_params: TrainParams, script: str, sc
     if quieted:
         del os.environ["TORCH_CPP_LOG_LEVEL"]
     args = torchrun_args(model_params, train_params, join=join) + [script, *script_args]
+    warning = oversubscribed(train_params)
+    if warning:
+        log.warning("%s", warning)
     if train_params.nodes == 1:
         log.info("starting %d training processes with torchrun", train_params.processes)
     else:
