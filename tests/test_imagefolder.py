@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from imgclf.core.errors import PipelineError
-from imgclf.data import decode, imagefolder
+from imgclf.data import decode, decoder
 from imgclf.data.archive import Limits
 from imgclf.data.decode import ImageFileError, decode_image, image_dimensions, load_image_file
 from imgclf.data.imagefolder import read_archive
@@ -111,10 +111,10 @@ def test_result_does_not_depend_on_member_order_or_chunking(tmp_path, monkeypatc
     a = make_tar(tmp_path / "a.tar", members, mode="w")
     b = make_tar(tmp_path / "b.tar", dict(reversed(list(members.items()))), mode="w")
     ref = read_archive(a, image_size=SIZE, workers=1)
-    monkeypatch.setattr(imagefolder, "CHUNK", 2)  # many chunks, several in flight
+    monkeypatch.setattr(decoder, "CHUNK", 2)  # many chunks, several in flight
     other = read_archive(b, image_size=SIZE, workers=3)
-    monkeypatch.setattr(imagefolder, "CHUNK", 256)
-    monkeypatch.setattr(imagefolder, "IN_FLIGHT_BYTES", 600)  # chunks of ~100 bytes, ended by size
+    monkeypatch.setattr(decoder, "CHUNK", 256)
+    monkeypatch.setattr(decoder, "IN_FLIGHT_BYTES", 600)  # chunks of ~100 bytes, ended by size
     by_bytes = read_archive(b, image_size=SIZE, workers=3)
     for d in (other, by_bytes):
         assert ref.classes == d.classes

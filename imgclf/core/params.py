@@ -77,6 +77,10 @@ class PreprocessParams(_Section):
     max_member_mb: float = Field(64, gt=0, le=1_000_000,
                                  description="MB (10^6 bytes) per archive member, uncompressed (a CIFAR-10 batch is 31)")
     max_total_mb: float = Field(200_000, gt=0, le=100_000_000, description="MB, all members of the archive together, uncompressed")
+    # Members of any kind (files, folders, links), counted from the headers: each costs some
+    # bookkeeping even when empty. ImageNet's training set has 1.28 million.
+    max_members: int = Field(2_000_000, ge=1, le=100_000_000,
+                             description="members of the archive, of any kind (files, folders, links), counted from the headers")
     max_megapixels: float = Field(50, gt=0, le=178, description="width x height of one image, millions, read from its header")
 
 

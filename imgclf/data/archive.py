@@ -11,7 +11,8 @@ a gzip stream is read to its end so its CRC and length are checked, and a zip me
 is checked as it is read. Every such error says "truncated or corrupt archive".
 
 Reading is bounded by :class:`Limits`, checked against the sizes the headers declare before
-any byte of a member is read: a member larger than ``member_bytes`` cannot be read (the
+any byte of a member is read: an archive of more than ``members`` members is refused (a zip
+from its end record, before its directory is read; a tar at the member that crosses it); a member larger than ``member_bytes`` cannot be read (the
 caller decides whether that fails the stage or skips the member), and an archive whose
 members add up to more than ``total_bytes`` uncompressed is refused at the member that crosses
 the limit (a zip's total is known from its central directory, before anything is read).
@@ -24,7 +25,6 @@ from __future__ import annotations
 import functools
 import posixpath
 import re
-import stat
 import tarfile
 import zipfile
 import zlib
@@ -50,10 +50,12 @@ class Limits:
 
     member_bytes: int
     total_bytes: int
+    members: int = PreprocessParams().max_members  # members of any kind, counted from the headers
 
     @classmethod
     def of(cls, pre: PreprocessParams) -> Limits:
-        return cls(member_bytes=round(pre.max_member_mb * MB), total_bytes=round(pre.max_total_mb * MB))
+        return cls(member_bytes=round(pre.max_member_mb * MB), total_bytes=round(pre.max_total_mb * MB),
+                   members=pre.max_members)
 
 
 DEFAULT_LIMITS = Limits.of(PreprocessParams())
@@ -73,6 +75,13 @@ def _total_too_large(archive: Path, name: str, limit: int) -> PipelineError:
     return PipelineError(
         f"{archive}: the archive holds more than {limit / MB:g} MB uncompressed (the limit, "
         f"preprocess.max_total_mb), reached at member {name!r}; refused before reading it"
+    )
+
+
+def too_many_members(archive: Path, count: str, limit: int, where: str) -> PipelineError:
+    return PipelineError(
+        f"{archive}: the archive holds {count} members, over the limit of {limit:,} (preprocess.max_members), "
+        f"{where}; raise the limit if the archive is genuine"
     )
 
 
@@ -117,7 +126,9 @@ def iter_members(fileobj: BinaryIO, archive: Path, limits: Limits = DEFAULT_LIMI
     head = fileobj.read(8)
     fileobj.seek(0)
     if head[:2] == b"PK" and head[2:4] in (b"\x03\x04", b"\x05\x06", b"\x07\x08"):
-        return _zip_members(fileobj, archive, limits)
+        from .zip_members import zip_members  # here: that module builds on this one's names
+
+        return zip_members(fileobj, archive, limits)
     compression = next((c for magic, c in _MAGIC.items() if head.startswith(magic)), "tar")
     return _tar_members(fileobj, archive, compression, limits)
 
@@ -218,6 +229,7 @@ def _tar_members(fileobj: BinaryIO, archive: Path, compression: str, limits: Lim
             raise NotAnArchiveError(archive, str(e)) from None
         raise corrupt(archive, e) from None
     current = None
+    count = 0
     with tar:
         try:
             while True:
@@ -228,6 +240,9 @@ def _tar_members(fileobj: BinaryIO, archive: Path, compression: str, limits: Lim
                 if info is None:
                     break
                 current = info.name
+                count += 1
+                if count > limits.members:
+                    raise too_many_members(archive, "more than", limits.members, f"reached at member {info.name!r}")
                 # Where this member's data ends in the uncompressed stream: every byte before it,
                 # headers and padding included, counts towards the total.
                 if info.offset_data + info.size > limits.total_bytes:
@@ -268,44 +283,3 @@ def _is_ustar(fileobj: BinaryIO) -> bool:
     magic = fileobj.read(5)
     fileobj.seek(0)
     return magic == b"ustar"
-
-
-def _zip_members(fileobj: BinaryIO, archive: Path, limits: Limits) -> Iterator[Member]:
-    try:
-        zf = zipfile.ZipFile(fileobj)
-    except _ARCHIVE_ERRORS as e:
-        raise corrupt(archive, e) from None
-    with zf:
-        # The central directory declares every size up front, and zipfile never returns more
-        # than a member's declared size: the total is checked before anything is read.
-        total = 0
-        for info in zf.infolist():
-            total += info.file_size
-            if total > limits.total_bytes:
-                raise _total_too_large(archive, info.filename, limits.total_bytes)
-        for info in zf.infolist():
-            path = safe_path(info.filename, archive)
-
-            def read(info: zipfile.ZipInfo = info, limit: int = limits.member_bytes) -> bytes:
-                if info.file_size > limit:
-                    raise MemberTooLargeError(archive, info.filename, info.file_size, limit)
-                try:
-                    return zf.read(info)
-                except (RuntimeError, NotImplementedError) as e:  # encrypted, unsupported method
-                    raise PipelineError(f"{archive}: cannot read member {info.filename!r}: {e}") from None
-                except _ARCHIVE_ERRORS as e:  # bad CRC, bad compressed data
-                    raise corrupt(archive, e, info.filename) from None
-
-            if stat.S_ISLNK(info.external_attr >> 16):  # a Unix symlink: its data is the target
-                if info.file_size > MAX_LINK_TARGET_BYTES:
-                    raise PipelineError(
-                        f"{archive}: refusing archive member {info.filename!r}: a symlink whose "
-                        f"target is {info.file_size:,} bytes long (at most {MAX_LINK_TARGET_BYTES})"
-                    )
-                target = read().decode("utf-8", "surrogateescape")
-                target = safe_link(info.filename, path, target, archive, symlink=True)
-                yield Member(info.filename, path, "link", target, bytes)
-            elif info.is_dir():
-                yield Member(info.filename, path, "other", "", bytes)
-            else:
-                yield Member(info.filename, path, "file", "", read, info.file_size)

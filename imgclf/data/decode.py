@@ -252,22 +252,30 @@ def load_image_file(path: str | os.PathLike, image_size: int, *, max_pixels: int
 
 def decode_chunk(
     chunk: list[bytes], image_size: int, *, max_pixels: int = MAX_PIXELS, limit_name: str = ""
-) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode a chunk into one RGB CHW uint8 array; returns it and ``(row, reason)`` of failures.
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Decode a chunk: the images that decoded, as one RGB CHW uint8 array; their positions in
+    the chunk (ascending); and ``(position, reason)`` of the failures.
 
+    A failure costs no image slot: memory follows the images kept, not the chunk's length.
     Images are stored as decoded (BGR, HWC; gray broadcast to three channels) and turned
     into RGB CHW by one numpy copy per chunk: a 32x32 JPEG decodes in ~20 us, so a
     per-image conversion call would cost a noticeable share, GIL hand-offs included.
     """
-    out = np.zeros((len(chunk), image_size, image_size, 3), np.uint8)
+    decoded: list[np.ndarray] = []
+    ok: list[int] = []
     bad: list[tuple[int, str]] = []
     for i, data in enumerate(chunk):
         img, reason = _decode(data, image_size, max_pixels=max_pixels, limit_name=limit_name)
         if img is None:
             bad.append((i, reason))
         else:
-            out[i] = img if img.ndim == 3 else img[:, :, None]
-    return np.ascontiguousarray(out[..., ::-1].transpose(0, 3, 1, 2)), bad
+            decoded.append(img)
+            ok.append(i)
+    out = np.empty((len(decoded), image_size, image_size, 3), np.uint8)
+    for j, img in enumerate(decoded):
+        out[j] = img if img.ndim == 3 else img[:, :, None]
+    del decoded
+    return np.ascontiguousarray(out[..., ::-1].transpose(0, 3, 1, 2)), np.array(ok, np.int64), bad
 
 
 @contextlib.contextmanager

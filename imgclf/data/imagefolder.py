@@ -19,18 +19,21 @@ Images are decoded by :mod:`imgclf.data.decode` (the rules are there) on a threa
 releases the GIL) while the main thread reads members. Bad images fail the stage, naming
 every one, or are left out with a warning (``bad_images="skip"``). So are images over a
 limit: a member larger than ``limits.member_bytes`` (never read) and an image over
-``max_pixels`` (never decoded). An archive over ``limits.total_bytes`` always fails. Memory
-stays bounded whatever the archive holds: one member is read at a time, and the encoded
-images waiting for a decode thread are bounded in count and in bytes (``IN_FLIGHT_BYTES``).
+``max_pixels`` (never decoded). An archive over ``limits.total_bytes`` or ``limits.members``
+always fails. Memory follows the images kept, whatever else the archive holds: the images
+are counted from the headers first and refused if their cache cannot fit (:mod:`.budget`);
+one member is read at a time; the encoded images waiting for a decode thread are bounded in
+count and in bytes, and an empty or undecodable member costs no image slot (:mod:`.decoder`).
+A member still costs its bookkeeping (a name and a row, about 200 bytes), which
+``limits.members`` bounds.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,16 +45,14 @@ from tqdm import tqdm
 from ..cache.dataset import RawDataset, Split
 from ..core.errors import PipelineError
 from .archive import DEFAULT_LIMITS, Limits, MemberTooLargeError, NotAnArchiveError, iter_members, open_archive
-from .decode import MAX_PIXELS, decode_chunk, opencv_for_threads
+from .budget import CacheBudget
+from .decode import MAX_PIXELS, opencv_for_threads
+from .decoder import CHUNK, Decoder
 
 log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "test", "val")
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
-CHUNK = 256  # images per decode task: large enough to amortise the hand-off, small for balance
-# Encoded bytes queued for or being decoded, all tasks together. A task is sent off early once
-# its images reach a share of this, so every thread still has two tasks to work on.
-IN_FLIGHT_BYTES = 32 * 2**20
 MAX_LINK_HOPS = 8
 SHOW_BAD = 10  # bad files named in an error or warning
 
@@ -76,7 +77,7 @@ def _layout(path: str) -> tuple[str, str, str] | None:
     return top, rest[0].lower(), rest[1]
 
 
-@dataclass
+@dataclass(slots=True)  # one per member in a class folder: kept small
 class _Image:
     path: str
     split: str  # train, test or val
@@ -84,72 +85,6 @@ class _Image:
     source: int  # its row among the decoded images; -1 for a link not yet resolved, or not read
     target: str | None = None  # links: the path they point at
     refused: str = ""  # why it was not read (over a limit)
-
-
-class _Decoder:
-    """Reads members in the calling thread and decodes them in chunks on a thread pool.
-
-    ``blocks`` holds the decoded chunks as ``(first row, images)``. At most two chunks per
-    thread wait or are being decoded, and at most IN_FLIGHT_BYTES of encoded images besides
-    the chunk just sent: the encoded bytes held in memory stay under IN_FLIGHT_BYTES plus one
-    chunk (a chunk ends once it reaches its share, so at most that share plus one member).
-    """
-
-    def __init__(self, pool: ThreadPoolExecutor, workers: int, image_size: int, max_pixels: int):
-        self.pool, self.workers, self.image_size, self.max_pixels = pool, workers, image_size, max_pixels
-        self.chunk_limit = IN_FLIGHT_BYTES // (2 * workers)  # bytes that end a chunk early
-        self.rows = 0
-        self.chunk: list[bytes] = []
-        self.chunk_bytes = 0
-        self.pending: collections.deque[tuple[int, int, Future]] = collections.deque()  # first row, bytes, task
-        self.pending_bytes = 0
-        self.blocks: list[tuple[int, np.ndarray]] = []
-        self.failed: dict[int, str] = {}  # row -> reason
-
-    def add(self, data: bytes) -> int:
-        self.chunk.append(data)
-        self.chunk_bytes += len(data)
-        self.rows += 1
-        if len(self.chunk) == CHUNK or self.chunk_bytes >= self.chunk_limit:
-            self._submit()
-        return self.rows - 1
-
-    def _submit(self) -> None:
-        task = self.pool.submit(
-            decode_chunk, self.chunk, self.image_size,
-            max_pixels=self.max_pixels, limit_name="preprocess.max_megapixels",
-        )
-        self.pending.append((self.rows - len(self.chunk), self.chunk_bytes, task))
-        self.pending_bytes += self.chunk_bytes
-        self.chunk, self.chunk_bytes = [], 0
-        while len(self.pending) > 2 * self.workers or self.pending_bytes > IN_FLIGHT_BYTES:
-            self._collect_oldest()
-
-    def _collect_oldest(self) -> None:
-        first, nbytes, task = self.pending.popleft()
-        self.pending_bytes -= nbytes
-        out, failures = task.result()
-        self.blocks.append((first, out))
-        self.failed.update((first + row, reason) for row, reason in failures)
-
-    def finish(self) -> None:
-        if self.chunk:
-            self._submit()
-        while self.pending:
-            self._collect_oldest()
-
-    def cancel(self) -> None:
-        for _, _, task in self.pending:
-            task.cancel()
-
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """The decoded images of ``rows``, in that order, as one preallocated array."""
-        out = np.empty((len(rows), 3, self.image_size, self.image_size), np.uint8)
-        for first, block in self.blocks:  # block by block: no second full-size copy
-            sel = np.flatnonzero((rows >= first) & (rows < first + len(block)))
-            if len(sel):
-                out[sel] = block[rows[sel] - first]
-        return out
 
 
 def _resolve_link(image: _Image, latest: dict[str, _Image]) -> _Image | None:
@@ -164,6 +99,27 @@ def _resolve_link(image: _Image, latest: dict[str, _Image]) -> _Image | None:
     return image if image.target is None else None
 
 
+def _not_an_archive(archive: Path, e: NotAnArchiveError) -> PipelineError:
+    return PipelineError(
+        f"{archive}: not a tar, tar.gz or zip archive (preprocess.dataset=imagefolder reads those; "
+        f"tarfile says: {e.detail})"
+    )
+
+
+def count_images(archive: Path, limits: Limits = DEFAULT_LIMITS) -> int:
+    """How many files and links the archive holds in class folders, from its headers alone: a
+    pass that reads no image (a zip's directory; a tar's headers, its data skipped or, when
+    compressed, decompressed and dropped). Every name and limit is checked on the way."""
+    n = 0
+    try:
+        with open_archive(archive) as raw:
+            for m in iter_members(raw, archive, limits):
+                n += m.kind != "other" and _layout(m.path) is not None
+    except NotAnArchiveError as e:
+        raise _not_an_archive(archive, e) from None
+    return n
+
+
 def read_archive(
     archive: str | os.PathLike,
     *,
@@ -172,25 +128,30 @@ def read_archive(
     workers: int = 0,
     limits: Limits = DEFAULT_LIMITS,
     max_pixels: int = MAX_PIXELS,
+    budget: CacheBudget | None = None,
 ) -> RawDataset:
     """Decode every image of an image-folder archive into uint8 ``(N, 3, size, size)`` splits.
 
     ``bad_images="fail"`` raises a PipelineError naming every file that does not decode or is
     over a limit; ``"skip"`` leaves them out with a warning. ``workers`` decode threads; 0 =
     one per core. ``limits`` bound the archive's members, ``max_pixels`` each image.
+    ``budget``: the images are counted first (:func:`count_images`) and refused, before any
+    is decoded, if their cache cannot fit in memory or on disk.
     """
     archive = Path(archive)
     if bad_images not in ("fail", "skip"):
         raise PipelineError(f"preprocess.bad_images = {bad_images!r}: must be 'fail' or 'skip'")
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
+    if budget is not None:
+        budget.check(count_images(archive, limits))
     latest: dict[str, _Image] = {}  # path -> image; a later member of the same name replaces it
     tops: set[str] = set()
     ignored = 0
     raw = open_archive(archive)
     size = os.fstat(raw.fileno()).st_size
     with raw, opencv_for_threads(), ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        decoder = _Decoder(pool, workers, image_size, max_pixels)
+        decoder = Decoder(pool, workers, image_size, max_pixels, budget)
         try:
             with tqdm(total=size, unit="B", unit_scale=True, desc="decode", disable=None) as bar:
                 for m in iter_members(raw, archive, limits):  # every member's name is checked, used or not
@@ -216,10 +177,7 @@ def read_archive(
                 bar.update(size - bar.n)
         except NotAnArchiveError as e:
             decoder.cancel()
-            raise PipelineError(
-                f"{archive}: not a tar, tar.gz or zip archive (preprocess.dataset=imagefolder reads those; "
-                f"tarfile says: {e.detail})"
-            ) from None
+            raise _not_an_archive(archive, e) from None
         except BaseException:
             decoder.cancel()
             raise
@@ -285,20 +243,24 @@ def read_archive(
         )
         images = [image for image in images if image.path not in failed]
 
-    splits: dict[str, Split] = {}
-    for split in ("train", test_split):
-        # ImageFolder's order: by class, then by path.
-        rows = sorted((index[image.cls], image.path, image.source) for image in images if image.split == split)
-        if not rows:
+    # ImageFolder's order: by class, then by path.
+    rows = {split: sorted((index[image.cls], image.path, image.source) for image in images if image.split == split)
+            for split in ("train", test_split)}
+    for split, found in rows.items():
+        if not found:
             raise PipelineError(f"{archive}: no decodable images left in {prefix}{split}/")
-        pixels = decoder.gather(np.fromiter((r[2] for r in rows), np.int64, len(rows)))
-        labels = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        splits["train" if split == "train" else "test"] = Split(torch.from_numpy(pixels), torch.from_numpy(labels))
-
-    counts = np.bincount(splits["train"].labels.numpy(), minlength=len(classes))
-    if not counts.all():
-        empty = [c for c, n in zip(classes, counts) if n == 0]
-        log.warning("%s: class(es) left with no training image: %s", archive, ", ".join(empty))
+    emptied = sorted(set(classes) - {classes[label] for label, _, _ in rows["train"]})
+    if emptied:  # only bad_images=skip can empty a class: train/ named it, so it held files
+        raise PipelineError(
+            f"{archive}: class(es) {', '.join(emptied)} have no training images left once the bad files are "
+            f"skipped (preprocess.bad_images=skip). Every class needs training images: fix those files, or "
+            f"remove the class folder from {prefix}train/ and {prefix}{test_split}/"
+        )
+    pixels = decoder.gather([np.fromiter((r[2] for r in found), np.int64, len(found)) for found in rows.values()])
+    splits = {
+        name: Split(torch.from_numpy(images), torch.from_numpy(np.fromiter((r[0] for r in found), np.int64, len(found))))
+        for name, found, images in zip(("train", "test"), rows.values(), pixels)
+    }
     log.info(
         "decoded %d train + %d test images of %d classes from %s in %.2f s (%d threads; %d other files ignored)",
         len(splits["train"]), len(splits["test"]), len(classes), archive.name, t_read, workers, ignored,

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.transforms import v2
 
 from ..cache.dataset import Cache, RawDataset, Split, save_cache
 from ..core.errors import PipelineError
@@ -17,6 +16,7 @@ from ..core.files import atomic_path
 from ..core.params import PreprocessParams
 from . import cifar
 from .archive import Limits
+from .budget import CacheBudget
 from .decode import resize_images
 
 log = logging.getLogger(__name__)
@@ -26,14 +26,14 @@ STATS_CHUNK = 4096  # images per step when streaming over a split: bounds the fl
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a uint8 batch after ``ToDtype(float32, scale=True)``.
 
-    Accumulates in float64 over chunks, so 50,000 images need no 600 MB float copy.
+    Accumulates in float64 over chunks, so 50,000 images need no 600 MB float copy. The
+    scaling is torchvision's, op for op (``to(float32).mul_(1 / 255)``), without importing it.
     """
-    to_float = v2.ToDtype(torch.float32, scale=True)
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     count = 0
     for i in range(0, len(images), STATS_CHUNK):
-        x = to_float(v2.ToImage()(images[i : i + STATS_CHUNK])).double()
+        x = images[i : i + STATS_CHUNK].to(torch.float32).mul_(1.0 / 255).double()
         total += x.sum(dim=(0, 2, 3))
         total_sq += (x * x).sum(dim=(0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -44,15 +44,20 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def read_dataset(archive: Path, pre: PreprocessParams) -> RawDataset:
+def read_dataset(archive: Path, pre: PreprocessParams, budget: CacheBudget | None = None) -> RawDataset:
+    """The decoded dataset; ``budget``, when given, refuses a cache that cannot fit before the
+    images are decoded (image folders) or resized (CIFAR-10, read at 32 pixels)."""
     limits = Limits.of(pre)
     if pre.dataset == "cifar10":
-        return cifar.read_archive(archive, limits)
+        raw = cifar.read_archive(archive, limits)
+        if budget is not None:
+            budget.check(len(raw.train) + len(raw.test))
+        return raw
     from . import imagefolder
 
     return imagefolder.read_archive(
         archive, image_size=pre.image_size, bad_images=pre.bad_images, workers=pre.workers,
-        limits=limits, max_pixels=round(pre.max_megapixels * 1e6),
+        limits=limits, max_pixels=round(pre.max_megapixels * 1e6), budget=budget,
     )
 
 
@@ -81,12 +86,17 @@ def preprocess(
 ) -> dict:
     """Decode, resize and cache the dataset; return what was measured."""
     t0 = time.perf_counter()
-    raw = read_dataset(Path(archive), pre)
+    raw = read_dataset(Path(archive), pre, CacheBudget.measure(pre.image_size, out_dir))
     t_read = time.perf_counter() - t0
     if len(raw.train) == 0 or len(raw.test) == 0:
         raise PipelineError(
             f"{archive}: the dataset needs images in both splits; found "
             f"{len(raw.train)} train and {len(raw.test)} test images"
+        )
+    if len(raw.classes) < 2:
+        raise PipelineError(
+            f"{archive}: one class ({', '.join(map(repr, raw.classes))}): a classifier needs at least two "
+            "classes to tell apart, and would score 100% on this data without learning anything"
         )
     train = Split(resize(raw.train.images, pre.image_size), raw.train.labels)
     test = Split(resize(raw.test.images, pre.image_size), raw.test.labels)
