@@ -18,45 +18,42 @@ here, so a file gives identical pixels in training and in prediction.
   are taken as 0..1 and clipped, as a float image has no fixed maximum.
 
 Decompression bombs: an image's width and height are read from its header before it is
-decoded (PNG and JPEG here, every other format through Pillow's lazy ``Image.open``), and
-an image over ``max_pixels`` is refused with a reason naming its size and the limit. A 219 kB
-PNG can hold 72 megapixels, 216 MB once decoded. For what no header reader understands,
-OpenCV's own ``OPENCV_IO_MAX_IMAGE_PIXELS`` (:data:`BACKSTOP_PIXELS`) is the backstop.
+decoded (:mod:`imgclf.data.headers`), and an image over ``max_pixels`` is refused with a reason
+naming its size and the limit. For what no header reader understands, OpenCV's own
+``OPENCV_IO_MAX_IMAGE_PIXELS`` (:data:`BACKSTOP_PIXELS`) is the backstop. A file given by path
+(``imgclf-predict``) is refused before it is read when it is over a size limit or is not a
+regular file (a device, a FIFO, a link to one).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import struct
-import warnings
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from .headers import BACKSTOP_PIXELS, image_dimensions, too_many_pixels  # noqa: F401 (re-exported)
+
 # OpenCV refuses images over OPENCV_IO_MAX_IMAGE_PIXELS (its default is 2^30, 3 GB of pixels),
 # a value it reads once, when cv2 is imported: so it is set before the import. It is the
-# backstop for formats the header check below cannot read; 2 x 89,478,485 is Pillow's own
-# hard limit, and preprocess.max_megapixels may not go above it. A value already in the
-# environment is kept.
-BACKSTOP_PIXELS = 178_956_970
+# backstop for formats the header check (imgclf.data.headers) cannot read. A value already in
+# the environment is kept.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(BACKSTOP_PIXELS))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from ..core.errors import PipelineError  # noqa: E402
 from ..core.params import PreprocessParams  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# The default pixel limit, preprocess.max_megapixels's; imgclf-predict uses it too.
+# The default pixel and file-size limits, preprocess.max_megapixels's and max_member_mb's;
+# imgclf-predict uses them too.
 MAX_PIXELS = round(PreprocessParams().max_megapixels * 1e6)
-# Pillow warns about images over 89 megapixels when it opens them; the limit here is checked
-# right after and replaces that warning with an error naming the file.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+MAX_BYTES = round(PreprocessParams().max_member_mb * 1e6)
 
 # IMREAD_ANYDEPTH keeps 16-bit data 16-bit; IMREAD_ANYCOLOR keeps grayscale as one channel,
 # expands palettes to BGR and drops alpha. Unlike IMREAD_UNCHANGED it applies the EXIF
@@ -78,72 +75,6 @@ class ImageFileError(PipelineError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
-
-
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# JPEG start-of-frame markers (they hold the size): C0-CF but C4 (DHT), C8 (JPG), CC (DAC).
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_JPEG_MAX_SEGMENTS = 1024  # real files reach the frame header within a dozen segments
-
-
-_JPEG_NO_LENGTH = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # markers without a length field
-_U16 = struct.Struct(">H")
-_U16_PAIR = struct.Struct(">HH")
-_U32_PAIR = struct.Struct(">II")
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i, n = 2, len(data)
-    for _ in range(_JPEG_MAX_SEGMENTS):
-        if i + 9 > n or data[i] != 0xFF:  # a frame header needs 9 bytes from its marker
-            return None
-        marker = data[i + 1]
-        if marker in _JPEG_SOF:
-            height, width = _U16_PAIR.unpack_from(data, i + 5)
-            return width, height
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker in _JPEG_NO_LENGTH:
-            i += 2
-        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
-            return None
-        else:
-            i += 2 + _U16.unpack_from(data, i + 2)[0]
-    return None
-
-
-def image_dimensions(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from the image's header, without decoding; None if no reader knows it.
-
-    PNG (the IHDR chunk, always first) and JPEG (the first frame header) are read here: they
-    are nearly every file, and this takes a microsecond where Pillow's ``Image.open`` takes
-    ~40 us holding the GIL. Every other format goes through Pillow, which reads headers only.
-    Raises ``PIL.Image.DecompressionBombError`` for an image over Pillow's hard limit.
-    """
-    if data[:8] == _PNG_MAGIC and data[12:16] == b"IHDR" and len(data) >= 24:
-        return _U32_PAIR.unpack_from(data, 16)
-    if data[:2] == b"\xff\xd8":
-        return _jpeg_size(data)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Image.DecompressionBombError:
-        raise
-    except Exception:  # not a format Pillow knows, or a header it cannot parse: OpenCV decides
-        return None
-
-
-def too_many_pixels(data: bytes, max_pixels: int, limit_name: str = "") -> str:
-    """The reason to refuse ``data`` without decoding it, or "" if its header is within the limit."""
-    try:
-        size = image_dimensions(data)
-        if size is None or size[0] * size[1] <= max_pixels:
-            return ""
-        what = f"{size[0]} x {size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels)"
-    except Image.DecompressionBombError:
-        what = f"more than {BACKSTOP_PIXELS / 1e6:.0f} megapixels (Pillow's hard limit)"
-    where = f" ({limit_name})" if limit_name else ""
-    return f"{what}, over the limit of {max_pixels / 1e6:g} megapixels{where}; not decoded"
 
 
 def resize_square(img: np.ndarray, image_size: int) -> np.ndarray:
@@ -229,22 +160,59 @@ def decode_image(data: bytes, image_size: int, name: str = "<bytes>") -> np.ndar
     return _to_rgb(img)
 
 
-def load_image_file(path: str | os.PathLike, image_size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+# What a path that is not a regular file is, by the type its stat gives.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``a character device``, ``a FIFO (named pipe)``, ...: what a non-regular file is."""
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_image_bytes(path: str | os.PathLike, max_bytes: int, limit_name: str = "") -> bytes:
+    """The bytes of the regular file at ``path``, refused before reading when it is over
+    ``max_bytes`` or not a regular file (a device, a FIFO, a socket, a folder; a link counts as
+    what it points at, so a link to ``/dev/zero`` is a character device). Raises ImageFileError."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused by type below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ImageFileError(path, "no such file") from None
+    except OSError as e:
+        raise ImageFileError(path, f"cannot read ({e.strerror or e})") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            link = f", a link to {os.path.realpath(path)}" if path.is_symlink() else ""
+            raise ImageFileError(path, f"{file_kind(st.st_mode)}{link}, not a regular file; not read")
+        where = f" ({limit_name})" if limit_name else ""
+        if st.st_size > max_bytes:
+            raise ImageFileError(
+                path, f"{st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:g} MB{where}; not read"
+            )
+        data = f.read(max_bytes + 1)  # at most one byte past the limit, should the file grow
+    if len(data) > max_bytes:
+        raise ImageFileError(path, f"more than the limit of {max_bytes / 1e6:g} MB{where}; not read")
+    return data
+
+
+def load_image_file(
+    path: str | os.PathLike, image_size: int, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
+    limit_names: tuple[str, str] = ("", ""),
+) -> np.ndarray:
     """Read and decode one image file exactly as training images are decoded (HWC RGB uint8).
 
     Raises :class:`ImageFileError` (a PipelineError) for a missing, unreadable or non-image
-    file, or one over ``max_pixels`` (refused from its header, before decoding).
+    file; one that is not a regular file or is over ``max_bytes`` (refused from its stat,
+    before reading); or one over ``max_pixels`` (refused from its header, before decoding).
+    ``limit_names`` name the two limits in those messages (the options that set them).
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageFileError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ImageFileError(path, "is a folder") from None
-    except OSError as e:
-        raise ImageFileError(path, f"cannot read ({e.strerror or e})") from None
-    img, reason = _decode(data, image_size, max_pixels=max_pixels)
+    data = read_image_bytes(path, max_bytes, limit_names[0])
+    img, reason = _decode(data, image_size, max_pixels=max_pixels, limit_name=limit_names[1])
     if img is None:
         raise ImageFileError(path, reason)
     return _to_rgb(img)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tarfile
 import urllib.error
 import urllib.parse
@@ -93,25 +94,67 @@ def _fetch_url(url: str, dst: Path, timeout: float) -> str:
         ) from None
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+SHOW_REFUSED = 10  # entries named in the error
+
+
+def _folder_files(folder: Path) -> list[tuple[str, Path]]:
+    """``(name in the archive, path)`` of every regular file under ``folder``, sorted.
+
+    Refuses, naming each, what must not be packed into data/raw (and so into DVC's cache): a
+    link whose target lies outside the folder (``/etc/passwd``, ``/dev/zero``), a broken link,
+    and special files (devices, FIFOs, sockets; a FIFO would block the read). A link to a file
+    inside the folder is packed as that file; links to folders are not followed.
+    """
+    root = folder.resolve()
+    found: list[tuple[str, Path]] = []
+    refused: list[str] = []
+    for current, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(dirs) + sorted(files):
+            path = Path(current) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(root):
+                    refused.append(f"{rel}: a link to {os.readlink(path)}, outside {folder}")
+                    continue
+                if not target.exists():
+                    refused.append(f"{rel}: a link to {os.readlink(path)}, which does not exist")
+                    continue
+            if name in dirs:
+                continue  # os.walk descends into real folders, never into links
+            mode = path.stat().st_mode
+            kind = next((kind for test, kind in _KINDS if test(mode)), None)
+            if kind is not None:
+                refused.append(f"{rel}: {kind}, not a file")
+            elif stat.S_ISREG(mode):
+                found.append((rel, path))
+    if refused:
+        more = f"; and {len(refused) - SHOW_REFUSED} more" if len(refused) > SHOW_REFUSED else ""
+        raise PipelineError(
+            f"download.url = {str(folder)!r}: refusing to pack {len(refused)} entr{'y' if len(refused) == 1 else 'ies'} "
+            f"that {'is' if len(refused) == 1 else 'are'} not a file in the folder: {'; '.join(refused[:SHOW_REFUSED])}"
+            f"{more}. Remove them, or copy the files they stand for into the folder"
+        )
+    return found
+
+
 def _pack_folder(folder: Path, dst: Path) -> str:
     """Pack an image folder into an uncompressed tar with stable bytes.
 
     Sorted members with zeroed owner and mtime make the archive depend on file names and
     contents only, so an untouched folder gives a byte-identical archive and DVC reruns
-    nothing downstream.
+    nothing downstream. What is packed: :func:`_folder_files`.
     """
     with tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tar:
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(root) / name
-                if not path.is_file():
-                    continue
-                info = tarfile.TarInfo(path.relative_to(folder).as_posix())
-                info.size = path.stat().st_size
-                info.mode = 0o644
-                with open(path, "rb") as f:
-                    tar.addfile(info, f)
+        for rel, path in _folder_files(folder):
+            info = tarfile.TarInfo(rel)
+            info.size = path.stat().st_size
+            info.mode = 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
     return file_digest(dst)
 
 

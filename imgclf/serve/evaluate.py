@@ -18,6 +18,7 @@ from ..core.paths import EvaluatePaths
 from ..models.bundle import load_state_dict_model
 from ..models.runtime import predict_logits, resolve_device
 from ..models.tta import OFF, views
+from .predict import display_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, evalua
     log.info("test accuracy %.4f, loss %.4f on %d images%s", metrics["test_acc"], metrics["test_loss"],
              len(labels), f" ({n_views} test-time views)" if n_views > 1 else "")
     worst = sorted((v, k) for k, v in per_class.items() if v is not None)[:3]
-    log.info("weakest classes: %s", ", ".join(f"{k} {v:.3f}" for v, k in worst))
+    log.info("weakest classes: %s", ", ".join(f"{display_name(k)} {v:.3f}" for v, k in worst))
     return metrics
 
 

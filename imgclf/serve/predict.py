@@ -6,7 +6,10 @@ r"""Classify image files with the exported model.
 Each image is decoded and resized by :func:`imgclf.data.decode.load_image_file`, the very
 code that built the training cache, to the ``image_size`` stored with the model; the model
 normalises the uint8 pixels itself. A file that cannot be read or decoded is reported on its
-own and the others are still classified. Exit status: 0 all classified, 1 some files failed,
+own and the others are still classified. The limits are preprocess's: a file over ``--max-mb``
+(64) is refused from its size before it is read, an image over ``--max-megapixels`` (50) from
+its header before it is decoded, and a device or FIFO (or a link to one) by its type. Class
+names are printed with control characters escaped (a folder named with a newline). Exit status: 0 all classified, 1 some files failed,
 2 usage or model errors. A file name that is not valid UTF-8 is shown with its undecodable
 bytes as ``\xNN`` (text and JSON alike), so printing it can never fail and lose the results.
 
@@ -34,7 +37,7 @@ import torch
 
 from ..core import paths as project_paths
 from ..core.errors import PipelineError
-from ..data.decode import IMAGE_SUFFIXES, ImageFileError, load_image_file
+from ..data.decode import IMAGE_SUFFIXES, MAX_BYTES, MAX_PIXELS, ImageFileError, load_image_file
 from ..models.bundle import load_state_dict_model, load_whole_model, read_bundle
 from .serving import OnnxClassifier
 
@@ -45,6 +48,12 @@ def display_path(path: str | os.PathLike) -> str:
     r"""``path`` as text any terminal or JSON parser takes: bytes that are not UTF-8 become
     ``\xNN`` (Python holds them as lone surrogates, which a strict UTF-8 stream refuses)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def display_name(name: str) -> str:
+    r"""A class name as one line of text: a newline, tab or other control character is shown
+    escaped (``\n``), as Python writes it, so a folder named with one cannot break the output."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str | None]]:
@@ -79,6 +88,8 @@ def predict_files(
     top_k: int = 3,
     *,
     batch_size: int = BATCH_SIZE,
+    max_bytes: int = MAX_BYTES,
+    max_pixels: int = MAX_PIXELS,
 ) -> list[dict[str, Any]]:
     """Classify ``paths`` (files or folders); one result per image, in order.
 
@@ -87,6 +98,8 @@ def predict_files(
     ``image_size`` (a state_dict bundle from :mod:`imgclf.models.bundle`, or an ONNX file's
     metadata). ``model`` maps uint8 ``(N, 3, H, W)`` to logits: a PyTorch module, or an
     :class:`imgclf.serve.serving.OnnxClassifier`, which runs on the CPU and returns numpy logits.
+    A file over ``max_bytes`` or ``max_pixels``, or one that is not a regular file (a device,
+    a FIFO), is refused before it is read or decoded; it gets an error and the others their result.
     """
     classes = list(bundle["classes"])
     image_size = int(bundle["image_size"])
@@ -118,9 +131,12 @@ def predict_files(
             result["error"] = error
             continue
         try:
-            batch.append((result, load_image_file(path, image_size)))
+            batch.append((result, load_image_file(path, image_size, max_bytes=max_bytes, max_pixels=max_pixels,
+                                                  limit_names=("--max-mb", "--max-megapixels"))))
         except ImageFileError as e:
             result["error"] = e.reason
+        except MemoryError:  # within the limits, yet more than this machine has: this file only
+            result["error"] = "not enough memory to decode it"
         if len(batch) == batch_size:
             flush()
     flush()
@@ -130,7 +146,7 @@ def predict_files(
 def format_text(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"{result['path']}: error: {result['error']}"
-    top = ", ".join(f"{t['class']} ({100 * t['prob']:.1f}%)" for t in result["top"])
+    top = ", ".join(f"{display_name(t['class'])} ({100 * t['prob']:.1f}%)" for t in result["top"])
     return f"{result['path']}: {top}"
 
 
@@ -175,6 +191,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="imgclf-predict",
@@ -195,6 +221,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--top-k", type=_positive, default=3, help="classes shown per image (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    parser.add_argument("--max-mb", type=_positive_float, default=MAX_BYTES / 1e6, metavar="MB",
+                        help="refuse, unread, a file larger than this (MB = 10^6 bytes; default: %(default)g, "
+                        "as preprocess.max_member_mb)")
+    parser.add_argument("--max-megapixels", type=_positive_float, default=MAX_PIXELS / 1e6, metavar="MP",
+                        help="refuse, undecoded, an image whose header declares more pixels (default: %(default)g, "
+                        "as preprocess.max_megapixels)")
     parser.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -206,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)  # exits with status 2 on a usage error
     try:
         model, bundle = load_model(args)  # both loaders return models in eval mode
-        results = predict_files(model, bundle, args.paths, args.top_k, batch_size=args.batch_size)
+        results = predict_files(model, bundle, args.paths, args.top_k, batch_size=args.batch_size,
+                                max_bytes=round(args.max_mb * 1e6), max_pixels=round(args.max_megapixels * 1e6))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
