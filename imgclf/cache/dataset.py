@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,24 @@ def load_meta(cache_dir: str | os.PathLike) -> dict:
         raise PipelineError(f"{path}: missing; run `dvc repro preprocess` first") from None
 
 
+def damaged(path: Path, what: str) -> PipelineError:
+    return PipelineError(
+        f"{path}: damaged, does not load as a cache split ({what}); rerun `dvc repro preprocess` "
+        "(or `dvc checkout data/processed` to restore it from DVC's cache)"
+    )
+
+
+def _split_of(d: object, path: Path) -> Split:
+    """The split a loaded file holds, checked: uint8 (N, 3, H, W) images, N int64 labels."""
+    if not isinstance(d, dict) or not {"images", "labels"} <= d.keys():
+        raise damaged(path, "not a mapping of 'images' and 'labels'")
+    images, labels = d["images"], d["labels"]
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
+            and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == (len(images),)):
+        raise damaged(path, "not uint8 (N, 3, H, W) images with N int64 labels")
+    return Split(images=images, labels=labels)
+
+
 def load_cache(cache_dir: str | os.PathLike, splits: tuple[str, ...] = ("train", "test")) -> Cache:
     """Load the cached tensors (memory-mapped: only the pages used are read)."""
     cache_dir = Path(cache_dir)
@@ -89,7 +108,12 @@ def load_cache(cache_dir: str | os.PathLike, splits: tuple[str, ...] = ("train",
             d = torch.load(path, weights_only=True, mmap=True)
         except FileNotFoundError:
             raise PipelineError(f"{path}: missing; run `dvc repro preprocess` first") from None
-        loaded[split] = Split(images=d["images"], labels=d["labels"])
+        except Exception as e:  # truncated, overwritten, not a torch file
+            if not zipfile.is_zipfile(path):  # torch's own words would speak of mmap or checkpoints
+                raise damaged(path, "not a PyTorch file: no zip archive") from None
+            said = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+            raise damaged(path, f"{type(e).__name__}: {said}") from None
+        loaded[split] = _split_of(d, path)
     return Cache(
         train=loaded["train"],
         test=loaded["test"],

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,37 @@ def format_text(result: dict[str, Any]) -> str:
     return f"{result['path']}: {top}"
 
 
+def what_model_file(path: Path) -> str:
+    """What a file given as ``--model`` is, when it is not a state_dict bundle, and how to load
+    it: the export stage's other files (the whole model, the ``.pt2`` program) or not a model."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []
+    if any(n.endswith(("/archive_format", "/extra/imgclf.json")) or "/models/" in n for n in names):
+        return (f"{path}: a torch.export program (.pt2), for serving: load it with "
+                "torch.export.load(path).module(). imgclf-predict takes the state_dict file "
+                f"({project_paths.EXPORTED_BUNDLE}) or the ONNX file as --model")
+    if any(n.endswith("/data.pkl") for n in names):
+        return (f"{path}: a whole-model file (torch.save(model)): loading it runs code from the file. If you trust it: "
+                f"--whole-model {path}, with --model naming the state_dict file exported with it "
+                f"({project_paths.EXPORTED_BUNDLE}, for the class names)")
+    return f"{path}: not a model file (neither a PyTorch file, which is a zip archive, nor ONNX)"
+
+
+def _read_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The state_dict bundle at ``path``; any other file is named for what it is."""
+    if path.suffix.lower() == ".pt2" and path.is_file():
+        raise PipelineError(what_model_file(path))
+    try:
+        return load_state_dict_model(path)
+    except PipelineError as e:
+        if not path.is_file() or "not a loadable state_dict file" not in str(e):
+            raise
+        raise PipelineError(what_model_file(path)) from None
+
+
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module | OnnxClassifier, dict[str, Any]]:
     if args.model.suffix.lower() == ".onnx":
         if args.whole_model is not None:
@@ -157,7 +189,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module | OnnxClassifi
         onnx_model = OnnxClassifier(args.model)  # onnxruntime; classes and image size from its metadata
         return onnx_model, onnx_model.metadata
     if args.whole_model is None:
-        return load_state_dict_model(args.model)
+        return _read_model(args.model)
     print(
         f"warning: --whole-model unpickles {args.whole_model}, which can run any code stored in "
         "it; use it only for files you trust (the default state_dict file is safe)",
