@@ -4,19 +4,20 @@ non-zero with one error message naming the cause, print no traceback, leave noth
 data/processed, and peak at most MAX_GROWTH_KB above a baseline child running the same code
 on a tiny valid input.
 
-Importing torch and the stage's modules takes most of a child's time (7 CPU seconds), so one
-server process (FORK_SERVER) imports them once and forks one child per case: the child runs
-the stage script (or the decode call) as `python script` would, then exits with its status.
-Every child starts from the same forked state, so peaks compare like for like. The peak is
-the child's own VmHWM, which it reports as it exits. The kernel's ru_maxrss (os.wait4,
-RUSAGE_CHILDREN) would not do: at exec or fork it keeps the high-water mark of the memory the
-process came from, so a child of this pytest process reports at least pytest's own peak.
+Each case is one child process, `python tests/peak_rss.py PEAK script args...`, which runs the
+stage script (or imgclf-predict, or the decode call) as `python script` would and writes its
+own peak RSS (VmHWM) as it exits; the children run a few at a time. The kernel's ru_maxrss
+(os.wait4, RUSAGE_CHILDREN) would not do: at exec or fork it keeps the high-water mark of the
+memory the process came from, so a child of this pytest process reports at least pytest's own
+peak. A case may cap the child's data segment (RLIMIT_DATA), as a small machine would.
 
 Every bomb is built here, byte by byte for the pickles.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import pickle as P
 import shutil
 import struct
@@ -25,6 +26,7 @@ import sys
 import tarfile
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,50 +129,7 @@ class Outcome:
     workdir: Path
 
 
-# Reads cases as lines "workdir<TAB>script<TAB>args..." on stdin. For each it forks a child
-# that runs the script in workdir as `python script args...` would (output to child.log), and
-# writes its peak RSS (VmHWM, KB) to peak_kb and its exit status to status.
-FORK_SERVER = r"""
-import os, runpy, sys, traceback
-# What stages/preprocess.py imports, in its order (so OpenCV's pixel limit is set, or not, as
-# it is there), then what it imports later.
-from imgclf.core import paths
-from imgclf.core.params import load_params
-from imgclf.core.stage import report_failures
-import imgclf.data.imagefolder, torch.utils.tensorboard
-from imgclf.data.preprocess import preprocess
-
-def child(workdir, argv):
-    os.chdir(workdir)
-    fd = os.open("child.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.argv = argv
-    try:
-        runpy.run_path(argv[0], run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with open("/proc/self/status") as f:
-        peak = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
-    with open("peak_kb", "w") as f:
-        f.write(peak)
-    os._exit(code)
-
-for line in sys.stdin.read().splitlines():
-    workdir, *argv = line.split("\t")
-    pid = os.fork()
-    if pid == 0:
-        child(workdir, argv)
-    _, status = os.waitpid(pid, 0)
-    with open(os.path.join(workdir, "status"), "w") as f:
-        f.write(str(os.waitstatus_to_exitcode(status)))
-"""
+PEAK_RSS = ROOT / "tests/peak_rss.py"
 # The preprocess stage, as dvc runs it, in a folder holding params.yaml and data/raw/<archive>.
 STAGE = str(ROOT / "stages/preprocess.py")
 # What imgclf-predict does with each file it is given.
@@ -182,21 +141,34 @@ report_failures("predict", lambda: load_image_file(sys.argv[1], 32))
 """
 
 
+def _run_one(argv: list[str], d: Path) -> Outcome:
+    """One child, ``python tests/peak_rss.py`` running ``argv`` in ``d``; its peak RSS."""
+    peak = d / "peak_kb"
+    proc = subprocess.run([sys.executable, str(PEAK_RSS), str(peak), *argv], cwd=d, env=run_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", timeout=300)
+    return Outcome(proc.returncode, proc.stdout, int(peak.read_text()) if peak.exists() else -1, d)
+
+
 def _run_all(runs: dict[str, tuple[list[str], Path]]) -> dict[str, Outcome]:
-    cases = "".join("\t".join([str(d), *argv]) + "\n" for argv, d in runs.values())
-    server = subprocess.run(
-        [sys.executable, "-c", FORK_SERVER], input=cases, env=run_env(),
-        capture_output=True, text=True, timeout=600,
-    )
-    assert server.returncode == 0, server.stderr
-    out = {}
-    for name, (_, d) in runs.items():
-        peak = d / "peak_kb"
-        out[name] = Outcome(
-            int((d / "status").read_text()), (d / "child.log").read_text(errors="replace"),
-            int(peak.read_text()) if peak.exists() else -1, d,
-        )
-    return out
+    """Every case in a child of its own, as many at a time as there are cores: each child
+    imports what it needs (a few seconds for torch), and peaks are per process."""
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        futures = {name: pool.submit(_run_one, argv, d) for name, (argv, d) in runs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _model_bundle(path: Path) -> Path:
+    """An untrained seed_cnn for two classes at 32 px, saved as the export stage saves it."""
+    from imgclf.models.bundle import make_bundle
+    from imgclf.models.registry import build
+
+    from helpers import save_state_bundle
+
+    args = {"num_classes": 2, "image_size": 32}
+    model = build("seed_cnn", args, [0.5] * 3, [0.25] * 3)
+    save_state_bundle(make_bundle(model, arch="seed_cnn", arch_args=args, classes=["a", "b"], mean=[0.5] * 3,
+                                  std=[0.25] * 3, image_size=32), path)
+    return path
 
 
 def _stage_dir(root: Path, name: str, archive: Path, **preprocess) -> Path:
@@ -230,6 +202,12 @@ CASES = {
     "png_in_archive": ("folder_baseline", ["train/a/bomb.png", "8500 x 8500 pixels", "preprocess.max_megapixels"]),
     "zip_one_member": ("folder_baseline", ["train/a/zeros.png", "300.0 MB uncompressed", "preprocess.max_member_mb"]),
     "zip_many_members": ("folder_baseline", ["60 file(s) could not be decoded", "train/a/zeros_000.png"]),
+    # Issue 22: empty members cost a whole image slot each (5,000 at 224 px: +750 MB).
+    "empty_members": ("folder_baseline", ["5000 file(s) could not be decoded", "train/a/e0000.png: empty file"]),
+    "member_count": ("folder_baseline", ["holds 3,008 members, over the limit of 1,000 (preprocess.max_members)"]),
+    # 1,520 CIFAR-10 images at 1024 px need 4.8 GB: refused before the resize, on a 3 GB machine.
+    "cifar_1024": ("cifar_baseline", ["preprocess.image_size = 1024: a cache of 1,520 images needs 4.8 GB",
+                                      "ulimit -d (RLIMIT_DATA)"]),
     "png_predict": ("predict_baseline", ["bomb.png: 8500 x 8500 pixels (72.2 megapixels), over the limit of 50 megapixels"]),
     "hdr_backstop": ("predict_baseline", ["huge.hdr: more pixels than OpenCV's limit"]),
 }
@@ -259,6 +237,39 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     many = zip_of_zeros(tmp / "many.zip", folder, {f"train/a/zeros_{i:03d}.png": 4_800_000 for i in range(60)})
     runs["zip_many_members"] = ([STAGE], _stage_dir(tmp, "zip_many_members", many, **imagefolder))
 
+    # Members that hold nothing: empty, or so many that their bookkeeping alone would add up.
+    with tarfile.open(tmp / "empty.tar.gz", "w:gz") as tar:
+        for name, data in folder.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(5000):
+            tar.addfile(tarfile.TarInfo(f"train/a/e{i:04d}.png"))
+    runs["empty_members"] = ([STAGE], _stage_dir(tmp, "empty_members", tmp / "empty.tar.gz", **imagefolder, image_size=224))
+    count = zip_of_zeros(tmp / "count.zip", {**folder, **{f"train/a/e{i:04d}.png": b"" for i in range(3000)}}, {})
+    runs["member_count"] = ([STAGE], _stage_dir(tmp, "member_count", count, **imagefolder, max_members=1000))
+    small = tmp / "cifar1500.tar.gz"
+    write_archive(small, make_split(1500, 0), make_split(20, 1), CLASSES)
+    runs["cifar_1024"] = (["--limit-data", str(3 * 10**9), STAGE], _stage_dir(tmp, "cifar_1024", small, image_size=1024))
+
+    # imgclf-predict on a valid image beside files it must refuse unread: 200 MB (sparse), a
+    # link to /dev/zero (read whole, it never ends), a FIFO (opening it waits for a writer).
+    predict_script = tmp / "predict.py"
+    predict_script.write_text("import sys\nfrom imgclf.serve.predict import main\n\nsys.exit(main())\n")
+    model = _model_bundle(tmp / "model_state.pt")
+    for name, extra in (("cli_baseline", False), ("cli_bad_files", True)):
+        d = tmp / name
+        d.mkdir()
+        (d / "good.png").write_bytes(tiny_png())
+        argv = [str(predict_script), "--model", str(model), "good.png"]
+        if extra:
+            with open(d / "big.png", "wb") as f:
+                f.truncate(200 * 10**6)
+            (d / "zero.png").symlink_to("/dev/zero")
+            os.mkfifo(d / "fifo.png")
+            argv += ["big.png", "zero.png", "fifo.png"]
+        runs[name] = (["--limit-data", str(3 * 10**9), *argv], d)
+
     # Decoding one file, as imgclf-predict does; a header only OpenCV reads meets its backstop.
     for name, file, data in (
         ("predict_baseline", "small.png", tiny_png()),
@@ -276,7 +287,7 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
 
 
 def test_baselines_succeed(outcomes):
-    for name in ("cifar_baseline", "folder_baseline", "predict_baseline"):
+    for name in ("cifar_baseline", "folder_baseline", "predict_baseline", "cli_baseline"):
         o = outcomes[name]
         assert o.returncode == 0 and o.peak_kb > 0, f"{name}:\n{o.output}"
     assert (outcomes["cifar_baseline"].workdir / "data/processed/train.pt").exists()
@@ -298,6 +309,23 @@ def test_bomb_is_refused_with_bounded_memory(outcomes, case):
     growth = o.peak_kb - baseline.peak_kb
     print(f"{case}: peak RSS {o.peak_kb / 1024:.0f} MB, baseline {baseline.peak_kb / 1024:.0f} MB, growth {growth / 1024:+.0f} MB")
     assert growth <= MAX_GROWTH_KB, f"{case}: peak RSS {growth / 1024:.0f} MB above the baseline"
+
+
+def test_predict_refuses_bad_files_unread_and_classifies_the_good_one(outcomes):
+    # Issue 22: the link to /dev/zero ended in "cannot run the model: MemoryError", exit 2,
+    # and good.png got no result; a 3 GB file was read whole.
+    o, baseline = outcomes["cli_bad_files"], outcomes["cli_baseline"]
+    assert baseline.returncode == 0 and o.returncode == 1, o.output
+    lines = o.output.splitlines()
+    assert [line.split(":")[0] for line in lines if not line.startswith("good.png: ")] == ["big.png", "zero.png", "fifo.png"], o.output
+    assert "big.png: error: 200.0 MB, over the limit of 64 MB (--max-mb); not read" in lines
+    assert "zero.png: error: a character device, a link to /dev/zero, not a regular file; not read" in lines
+    assert "fifo.png: error: a FIFO (named pipe), not a regular file; not read" in lines
+    assert [line for line in lines if line.startswith("good.png: ")] == [
+        line for line in baseline.output.splitlines() if line.startswith("good.png: ")] != []
+    growth = o.peak_kb - baseline.peak_kb
+    print(f"predict: peak RSS {o.peak_kb / 1024:.0f} MB, baseline {baseline.peak_kb / 1024:.0f} MB, growth {growth / 1024:+.0f} MB")
+    assert growth <= MAX_GROWTH_KB
 
 
 def test_ndarray_bomb_through_dvc_repro(project, tmp_path):
