@@ -18,6 +18,7 @@ from typing import Any
 from . import paths
 from .errors import PipelineError, describe_os_error
 from .params import load_params, stage_section
+from .workspace import one_stage_at_a_time
 
 
 class Terminated(KeyboardInterrupt):
@@ -53,7 +54,8 @@ def report_failures(name: str, work: Callable[[], object], *, resumes: str = "")
         format=f"%(asctime)s {name}: %(message)s", datefmt="%H:%M:%S",
     )
     try:
-        work()
+        with one_stage_at_a_time(name):
+            work()
     except PipelineError as e:
         # A clear message the user can act on; a traceback would bury it.
         print(f"error ({name}): {e}", file=sys.stderr)

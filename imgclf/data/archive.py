@@ -242,7 +242,7 @@ def _tar_members(fileobj: BinaryIO, archive: Path, compression: str, limits: Lim
                 current = info.name
                 count += 1
                 if count > limits.members:
-                    raise too_many_members(archive, "more than", limits.members, f"reached at member {info.name!r}")
+                    raise too_many_members(archive, f"more than {limits.members:,}", limits.members, f"reached at member {info.name!r}")
                 # Where this member's data ends in the uncompressed stream: every byte before it,
                 # headers and padding included, counts towards the total.
                 if info.offset_data + info.size > limits.total_bytes:
