@@ -4,10 +4,8 @@ With train.nodes x train.processes > 1 the script restarts itself under torchrun
 other nodes of a multi-node run: `python stages/train.py --join` (docs/distributed.md).
 """
 
-from imgclf.core import paths
 from imgclf.core.stage import run_stage
 from imgclf.train.launch import read_section, run
 
 if __name__ == "__main__":
-    run_stage("train", run, read=read_section,
-              resumes=f"rerun to resume from the last epoch saved in {paths.STAGES['train'].checkpoint}")
+    run_stage("train", run, read=read_section)

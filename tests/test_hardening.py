@@ -167,8 +167,8 @@ def test_the_params_stage_checks_model_arch(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "stages/params.py")], cwd=tmp_path, env=run_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr == (
-        "error (params): model.arch = 'resnet_fats': unknown architecture; known: seed_cnn, seed_cnn_bn, vgg16, "
-        "resnet_fast, whitened_net\n")
+        "error (params): model.arch = 'resnet_fats': unknown architecture; known: resnet_fast, seed_cnn, seed_cnn_bn, "
+        "vgg16, whitened_net\n")
 
 
 SLEEPING_STAGE = """import sys, time

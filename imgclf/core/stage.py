@@ -39,7 +39,10 @@ def run_stage(name: str, run: Callable[[Any, Any], object], *, read: Callable[[s
               resumes: str = "") -> None:
     """``run(read(name), paths.STAGES[name])``, under :func:`report_failures`: a stage
     script's whole body. ``read``: how the stage gets its section (train's joining nodes
-    also take ``-S`` values). ``resumes``: what a rerun after an interruption picks up."""
+    also take ``-S`` values). ``resumes``: what a rerun after an interruption picks up (train:
+its checkpoint)."""
+    if name == "train" and not resumes:
+        resumes = f"rerun to resume from the last epoch saved in {paths.STAGES['train'].checkpoint}"
     report_failures(name, lambda: run(read(name), paths.STAGES[name]), resumes=resumes)
 
 

@@ -184,12 +184,16 @@ def read_image_bytes(path: str | os.PathLike, max_bytes: int, limit_name: str = 
         raise ImageFileError(path, "no such file") from None
     except OSError as e:
         raise ImageFileError(path, f"cannot read ({e.strerror or e})") from None
-    with open(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             link = f", a link to {os.path.realpath(path)}" if path.is_symlink() else ""
             raise ImageFileError(path, f"{file_kind(st.st_mode)}{link}, not a regular file; not read")
-        where = f" ({limit_name})" if limit_name else ""
+    except BaseException:
+        os.close(fd)
+        raise
+    where = f" ({limit_name})" if limit_name else ""
+    with open(fd, "rb") as f:
         if st.st_size > max_bytes:
             raise ImageFileError(
                 path, f"{st.st_size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:g} MB{where}; not read"

@@ -100,6 +100,15 @@ def check_arch(arch: str) -> Architecture:
     return ARCHS[arch]
 
 
+def check_params_file(params: Any, stage_paths: Any = None) -> dict[str, Any]:
+    """The params stage: the whole file is valid (the runner checked it) and ``model.arch`` names
+    an architecture, so a typo fails first, not in train after a download."""
+    from ..core.params import check_whole_file
+
+    check_arch(params.model.arch)
+    return check_whole_file(params, stage_paths)
+
+
 def arch_args(model_params: Any, *, num_classes: int, image_size: int) -> dict[str, Any]:
     """The keyword arguments ``model_params.arch`` is built with (stored with the weights):
     ``num_classes`` and ``image_size``, plus every ``model`` param its builder takes."""

@@ -18,7 +18,7 @@ from ..core.paths import EvaluatePaths
 from ..models.bundle import load_state_dict_model
 from ..models.runtime import predict_logits, resolve_device
 from ..models.tta import OFF, views
-from .predict import display_name
+from .names import display_name
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from ..core import paths as project_paths
 from ..core.errors import PipelineError
 from ..data.decode import IMAGE_SUFFIXES, MAX_BYTES, MAX_PIXELS, ImageFileError, load_image_file
 from ..models.bundle import load_state_dict_model, load_whole_model, read_bundle
+from .names import display_name
 from .serving import OnnxClassifier
 
 BATCH_SIZE = 64  # images per forward pass: bounds memory for folders of large images
@@ -49,12 +50,6 @@ def display_path(path: str | os.PathLike) -> str:
     r"""``path`` as text any terminal or JSON parser takes: bytes that are not UTF-8 become
     ``\xNN`` (Python holds them as lone surrogates, which a strict UTF-8 stream refuses)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def display_name(name: str) -> str:
-    r"""A class name as one line of text: a newline, tab or other control character is shown
-    escaped (``\n``), as Python writes it, so a folder named with one cannot break the output."""
-    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str | None]]:
@@ -162,11 +157,11 @@ def what_model_file(path: Path) -> str:
     if any(n.endswith(("/archive_format", "/extra/imgclf.json")) or "/models/" in n for n in names):
         return (f"{path}: a torch.export program (.pt2), for serving: load it with "
                 "torch.export.load(path).module(). imgclf-predict takes the state_dict file "
-                f"({project_paths.EXPORTED_BUNDLE}) or the ONNX file as --model")
+                f"({project_paths.STAGES['export'].bundle}) or the ONNX file as --model")
     if any(n.endswith("/data.pkl") for n in names):
         return (f"{path}: a whole-model file (torch.save(model)): loading it runs code from the file. If you trust it: "
                 f"--whole-model {path}, with --model naming the state_dict file exported with it "
-                f"({project_paths.EXPORTED_BUNDLE}, for the class names)")
+                f"({project_paths.STAGES['export'].bundle}, for the class names)")
     return f"{path}: not a model file (neither a PyTorch file, which is a zip archive, nor ONNX)"
 
 
