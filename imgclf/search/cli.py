@@ -39,15 +39,18 @@ def main(argv: list[str] | None = None) -> None:
     except PipelineError as e:
         print(f"error (search): {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before or between trials: nothing to queue again
+        print("search: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def search(args: argparse.Namespace) -> int:
     root = Path.cwd()
     if not (root / "params.yaml").is_file() or not (root / "dvc.yaml").is_file():
         raise PipelineError(f"{root} has no params.yaml and dvc.yaml: run imgclf-search from the project root")
-    config = load_config(root / args.config, root / "params.yaml", storage=args.storage, study=args.study,
+    config = load_config(args.config, Path("params.yaml"), storage=args.storage, study=args.study,
                          trials=args.trials)
-    load_params(root / "params.yaml")  # the base every trial's -S values go on must itself be valid
+    load_params("params.yaml")  # the base every trial's -S values go on must itself be valid
     # optuna and SQLAlchemy take a second to import: after the file is known to be good.
     from .study import open_storage, open_study, resolve_url
 
@@ -66,8 +69,8 @@ def search(args: argparse.Namespace) -> int:
 def run_trials(study, storage, config: SearchConfig, url: str, root: Path, folder: Path, verbose: bool) -> int:
     from optuna.trial import TrialState
 
-    from .study import Heartbeat, next_trial, queue_again
-    from .trials import distributions, experiment_name, push, run_trial
+    from .study import next_trial, queue_again
+    from .trials import distributions
 
     space = distributions(config)
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -75,44 +78,56 @@ def run_trials(study, storage, config: SearchConfig, url: str, root: Path, folde
     print(f"study {config.study!r}: {len(study.get_trials(deepcopy=False))} trials so far, "
           f"{config.trials} wanted (storage {_shown(config.storage)})", flush=True)
     while (trial := next_trial(study, config, url, space)) is not None:
-        name = experiment_name(config, trial.number)
-        retried = storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
-        trial.set_user_attr("experiment", name)
-        trial.set_user_attr("worker", worker)
-        print(f"trial {trial.number}{f' (again, for trial {retried})' if retried is not None else ''}: "
-              + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()),
-              flush=True)
         try:
-            with Heartbeat(storage, trial._trial_id):
-                outcome = run_trial(trial, config, url, root, folder / "logs" / f"{name}.log", verbose)
+            state, error = one_trial(trial, study, storage, config, url, root, folder, verbose, worker)
         except KeyboardInterrupt:
             queue_again(study, trial._trial_id)
             print(f"search: interrupted; trial {trial.number} is marked failed and queued again: run imgclf-search "
                   "again to continue the study", file=sys.stderr)
             return 130
-        if outcome.metrics:
-            trial.set_user_attr("epochs", int(outcome.metrics.get("pruned_after_epoch", outcome.metrics["epochs"])))
-        trial.set_user_attr("seconds", round(outcome.seconds, 1))
-        study.tell(trial, outcome.values, state=outcome.state)
-        if outcome.state == TrialState.FAIL:
-            failures_in_a_row += 1
-            print(f"  failed ({outcome.seconds:.0f} s): {outcome.error}", flush=True)
-            if failures_in_a_row >= 3:
-                print("error (search): 3 trials in a row failed; stopping (the last one's error is above)",
-                      file=sys.stderr)
-                return 1
+        if state != TrialState.FAIL:
+            failures_in_a_row = 0
             continue
-        failures_in_a_row = 0
-        done = study.get_trials(deepcopy=False)[trial.number]
-        if outcome.state == TrialState.PRUNED:
-            print(f"  pruned after epoch {outcome.metrics['pruned_after_epoch']} of {outcome.metrics['epochs']} "
-                  f"(val_acc {done.intermediate_values[done.last_step]:.4f}, {outcome.seconds:.0f} s)", flush=True)
-        else:
-            print("  " + ", ".join(f"{m} {v:.4g}" for m, v in zip(config.objectives, outcome.values))
-                  + f" ({outcome.seconds:.0f} s)", flush=True)
-        if config.push and (problem := push(root, name)):
-            print(f"  warning: {problem}", flush=True)
+        failures_in_a_row += 1
+        if failures_in_a_row >= 3:
+            print(f"error (search): 3 trials in a row failed; the last: {error}", file=sys.stderr)
+            return 1
     return 0
+
+
+def one_trial(trial, study, storage, config: SearchConfig, url: str, root: Path, folder: Path, verbose: bool,
+              worker: str):
+    """Run one trial and tell the study how it ended: (its state, the failure's line or '')."""
+    from optuna.trial import TrialState
+
+    from .study import Heartbeat
+    from .trials import experiment_name, push, run_trial
+
+    name = experiment_name(config, trial.number)
+    retried = storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+    trial.set_user_attr("experiment", name)
+    trial.set_user_attr("worker", worker)
+    print(f"trial {trial.number}{f' (again, for trial {retried})' if retried is not None else ''}: "
+          + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()),
+          flush=True)
+    with Heartbeat(storage, trial._trial_id):
+        outcome = run_trial(trial, config, url, root, folder / "logs" / f"{name}.log", verbose)
+    if outcome.metrics:
+        trial.set_user_attr("epochs", int(outcome.metrics.get("pruned_after_epoch", outcome.metrics["epochs"])))
+    trial.set_user_attr("seconds", round(outcome.seconds, 1))
+    done = study.tell(trial, outcome.values, state=outcome.state)
+    if outcome.state == TrialState.FAIL:
+        print(f"  failed ({outcome.seconds:.0f} s): {outcome.error}", flush=True)
+        return outcome.state, outcome.error
+    if outcome.state == TrialState.PRUNED:
+        print(f"  pruned after epoch {outcome.metrics['pruned_after_epoch']} of {outcome.metrics['epochs']} "
+              f"(val_acc {done.intermediate_values[done.last_step]:.4f}, {outcome.seconds:.0f} s)", flush=True)
+    else:
+        print("  " + ", ".join(f"{m} {v:.4g}" for m, v in zip(config.objectives, outcome.values))
+              + f" ({outcome.seconds:.0f} s)", flush=True)
+    if config.push and (problem := push(root, name)):
+        print(f"  warning: {problem}", flush=True)
+    return outcome.state, ""
 
 
 def finish(study, config: SearchConfig, folder: Path) -> int:

@@ -127,14 +127,15 @@ class SearchConfig(_Strict):
                           sort_keys=True)
 
 
-def _describe(e: ValidationError) -> str:
+def _describe(e: ValidationError, where: str) -> str:
+    """The first problem as ``where.key = value: what is wrong`` (``where: ...`` for the whole entry)."""
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("FloatRange", "IntRange", "Choices")))
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{key or 'the file'} = {err.get('input')!r}: {msg}{more}"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    if not key:
+        return f"{where}: {msg}{more}"
+    return f"{where}{'.' if where else ''}{key} = {err.get('input')!r}: {msg}{more}"
 
 
 def load_config(path: Path, params_path: Path, **overrides: Any) -> SearchConfig:
@@ -155,11 +156,11 @@ def load_config(path: Path, params_path: Path, **overrides: Any) -> SearchConfig
             try:
                 model.model_validate(dist)
             except ValidationError as e:
-                raise SearchError(f"{path}: space.{key}.{_describe(e)}") from None
+                raise SearchError(f"{path}: {_describe(e, f'space.{key}')}") from None
     try:
         config = SearchConfig.model_validate(raw)
     except ValidationError as e:
-        raise SearchError(f"{path}: {_describe(e)}") from None
+        raise SearchError(f"{path}: {_describe(e, '')}") from None
     check_against_params(config, read_yaml(params_path), path)
     return config
 

@@ -55,10 +55,12 @@ def open_storage(url: str, config: SearchConfig) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval,
-                grace_period=config.grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+            # Workers starting together would each create the tables of a new database: one at a time.
+            with study_lock(url, "storage"):
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval,
+                    grace_period=config.grace_period,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
         except Exception as e:  # noqa: BLE001 - SQLAlchemy's and the driver's errors vary; the cause is one line
             cause = str(getattr(e, "orig", None) or e).strip().splitlines()
             raise SearchError(f"storage {redact(url)} does not answer: {cause[0] if cause else type(e).__name__}") from None
@@ -114,10 +116,10 @@ def space_difference(saved: str, wanted: str) -> str:
 
 
 @contextlib.contextmanager
-def trial_lock(url: str, study_name: str) -> Iterator[None]:
-    """Only one worker at a time counts the trials and takes the next: a SQLite file is locked
-    with flock beside it, PostgreSQL with an advisory lock. Other databases: no lock, and the
-    count may overshoot by up to the number of workers less one."""
+def study_lock(url: str, name: str) -> Iterator[None]:
+    """One worker at a time (per ``name``): a SQLite file is locked with flock beside it,
+    PostgreSQL with an advisory lock. Other databases: no lock (then, when workers start at the
+    same moment, the trial count may overshoot by up to the number of workers less one)."""
     if url.startswith("sqlite:///"):
         with open(url.removeprefix("sqlite:///") + ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -131,7 +133,7 @@ def trial_lock(url: str, study_name: str) -> Iterator[None]:
         return
     import sqlalchemy
 
-    key = int.from_bytes(hashlib.sha256(f"imgclf-search:{study_name}".encode()).digest()[:8], "big", signed=True)
+    key = int.from_bytes(hashlib.sha256(f"imgclf-search:{name}".encode()).digest()[:8], "big", signed=True)
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args={"connect_timeout": 10})
     try:
@@ -156,13 +158,16 @@ def next_trial(study: optuna.Study, config: SearchConfig, url: str, distribution
         # (fail_stale_trials before each trial, a Heartbeat while it runs) around a subprocess.
         warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
         optuna.storages.fail_stale_trials(study)
-        with trial_lock(url, config.study):
+        with study_lock(url, f"trials of {config.study}"):
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             counted = sum(t.state != TrialState.FAIL for t in trials)
             if not waiting and counted >= config.trials:
                 return None
-            return study.ask(distributions)
+            trial = study.ask(distributions)
+            # At once: a trial that never beat could never be found stale, were its worker to die now.
+            study._storage.record_heartbeat(trial._trial_id)
+            return trial
 
 
 class Heartbeat:
