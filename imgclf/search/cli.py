@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..core.params import load_params
 from .config import SearchConfig, load_config
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 from ..core.params import ParamsError, parse_params, read_yaml
 
 # The metrics a trial can be judged by (metrics/train.json) and which way is better.

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..core.files import atomic_path
+from ..core.files import write_file
 from .config import SearchConfig
 from .trials import reproduce_command
 
@@ -107,6 +107,5 @@ def draw(study: optuna.Study, config: SearchConfig, folder: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     return path

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from ..core.files import PipelineError
+from ..core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
