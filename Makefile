@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run demo test bench fast speedrun clean
+.PHONY: install run demo test bench fast speedrun search clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,11 @@ fast: install
 
 speedrun: install
 	args=$$($(RECIPE) speed -S train.val_fraction=$(VAL)) && dvc exp run --temp $$args $(R)
+
+# Hyperparameter search (docs/search.md): search.yaml's Optuna study, one `dvc exp run` per
+# trial; ARGS passes options, e.g. make search ARGS='--storage postgresql://... --seed 3'.
+search: install
+	imgclf-search $(ARGS)
 
 bench: install
 	$(BIN)/python -m imgclf.bench

@@ -37,6 +37,7 @@ from . import checkpoint
 from .augment import Augmenter
 from .distributed import Distributed, is_lost_peer, lost_peer_error
 from .epoch_log import EpochLog, log_first_look
+from .trial_report import TrialReport
 from .trainee import Trainee, build_trainee, epoch_batches, run_steps
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ def train(model_params: ModelParams, train_params: TrainParams, paths: TrainPath
     forward = run.dist.wrap(run.trainee.model)
     run.trainee.step.forward = torch.compile(forward) if train_params.compile else forward
     _log_plan(run)
+    # Under imgclf-search (environment variables, not params): each epoch's val_acc goes to the
+    # trial, and its pruner may end the run early; None otherwise.
+    trial = TrialReport.from_env() if run.dist.is_main else None
+    for row in history if trial is not None else []:
+        trial.record(row)
+    pruned = False
     try:
         for epoch in range(start_epoch, train_params.epochs):
             row = one_epoch(run, epoch, augmenter, y_train)
@@ -101,6 +108,9 @@ def train(model_params: ModelParams, train_params: TrainParams, paths: TrainPath
                                 model=run.trainee.model, step_state=run.trainee.step.state_dict(),
                                 model_params=model_params, train_params=train_params)
             run.dist.barrier()
+            if run.dist.broadcast(trial is not None and trial.epoch_done(row)):
+                pruned = True
+                break
     except Exception as e:
         if run.dist.world == 1 or not is_lost_peer(e):
             raise
@@ -109,7 +119,7 @@ def train(model_params: ModelParams, train_params: TrainParams, paths: TrainPath
         raise lost_peer_error(e, train_params.dist_timeout, paths.checkpoint) from None
     if epoch_log is not None:
         epoch_log.close()
-    return finish(run, history, paths)
+    return finish(run, history, paths, pruned=pruned)
 
 
 def set_up(model_params: ModelParams, train_params: TrainParams, cache_dir: Path) -> Run:
@@ -243,8 +253,9 @@ def one_epoch(run: Run, epoch: int, augmenter: Augmenter, y_train: torch.Tensor)
     return row
 
 
-def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict[str, Any]:
-    """Rank 0 writes the model bundle and the metrics and drops the checkpoint."""
+def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths, pruned: bool = False) -> dict[str, Any]:
+    """Rank 0 writes the model bundle and the metrics and drops the checkpoint. A run a search's
+    pruner stopped (``pruned``) writes what it has, with ``pruned_after_epoch`` in the metrics."""
     if not run.dist.is_main:
         run.dist.close()
         return {}
@@ -252,14 +263,14 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
     model = run.trainee.model.to("cpu", memory_format=torch.contiguous_format).eval()
     bundle = make_bundle(model, arch=run.model_params.arch, arch_args=run.trainee.arch_args, classes=cache.classes,
                          mean=cache.mean, std=cache.std, image_size=cache.image_size)
-    bundle["training"] = {"epochs": train_params.epochs, "device": str(run.device), "processes": run.dist.world,
+    bundle["training"] = {"epochs": len(history), "device": str(run.device), "processes": run.dist.world,
                           "nodes": run.dist.nodes,
                           "precision": "fp32" if run.amp is None else str(run.amp).removeprefix("torch.")}
     with atomic_path(paths.model_out) as tmp:
         save_torch(bundle, tmp)
     last = history[-1]
     seconds = sum(r["seconds"] for r in history)
-    flops = run.flops_per_image * run.images_per_epoch * train_params.epochs  # the whole run's, resumed epochs included
+    flops = run.flops_per_image * run.images_per_epoch * len(history)  # the whole run's, resumed epochs included
     metrics = {
         "train_loss": round(last["train_loss"], 6),
         "train_acc": round(last["train_acc"], 6),
@@ -274,6 +285,7 @@ def finish(run: Run, history: list[dict[str, float]], paths: TrainPaths) -> dict
         "gflop_per_image": _sig(run.flops_per_image / 1e9),
         "train_pflop": _sig(flops / 1e15),
         "tflop_per_s": _sig(flops / seconds / 1e12),
+        **({"pruned_after_epoch": len(history)} if pruned else {}),
     }
     write_json(paths.metrics_out, metrics)
     paths.checkpoint.unlink(missing_ok=True)  # the run is complete: its outputs are the record
