@@ -24,7 +24,7 @@ from imgclf.core.files import atomic_path, file_digest
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # What a project copy needs: the pipeline definition, the code, the DVC config.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "data/source/README.md", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "recipes", "stages", "imgclf", "data/source/README.md", ".dvc/config", ".dvc/plots", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 # Small, fast settings for the later stages so a whole `dvc repro` takes seconds.
 FAST_TRAIN = {"epochs": 2, "batch_size": 50, "lr": 0.02, "threads": 1, "device": "cpu", "precision": "fp32"}
 # The serving files cost about 13 s per export: on only in the tests that read them.

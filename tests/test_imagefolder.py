@@ -21,7 +21,8 @@ from PIL import Image
 from imgclf.core.errors import PipelineError
 from imgclf.data import decode, decoder
 from imgclf.data.archive import Limits
-from imgclf.data.decode import ImageFileError, decode_image, image_dimensions, load_image_file
+from imgclf.data.decode import ImageFileError, decode_image, load_image_file
+from imgclf.data.headers import image_dimensions
 from imgclf.data.imagefolder import read_archive
 
 from helpers import make_tar
@@ -453,7 +454,7 @@ def test_member_over_the_size_limit_fails_naming_it_and_the_limit(tmp_path, fmt)
     limits = Limits(member_bytes=1000, total_bytes=10**6)
     with pytest.raises(PipelineError) as e:
         read_archive(archive, image_size=SIZE, limits=limits)
-    assert f"train/ant/big.png: 0.0 MB uncompressed, over the limit of 0.001 MB (preprocess.max_member_mb)" in str(e.value)
+    assert "train/ant/big.png: 0.0 MB uncompressed, over the limit of 0.001 MB (preprocess.max_member_mb)" in str(e.value)
     d = read_archive(archive, image_size=SIZE, limits=limits, bad_images="skip")
     check_solid_classes(d)  # left out; every other image kept
 

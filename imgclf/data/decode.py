@@ -34,7 +34,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from .headers import BACKSTOP_PIXELS, image_dimensions, too_many_pixels  # noqa: F401 (re-exported)
+from .headers import BACKSTOP_PIXELS, too_many_pixels
 
 # OpenCV refuses images over OPENCV_IO_MAX_IMAGE_PIXELS (its default is 2^30, 3 GB of pixels),
 # a value it reads once, when cv2 is imported: so it is set before the import. It is the
