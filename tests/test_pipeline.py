@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,14 @@ def test_full_repro_writes_every_declared_output(project):
     assert project.ran_stages(proc) == ["params", "download", "preprocess", "train", "export", "evaluate"]
     for rel in OUTPUTS:
         assert (project.path / rel).is_file(), rel
-    assert any((project.path / "logs/train").glob("events.out.tfevents.*"))
+    # TensorBoard: the per-epoch scalars, and the Custom Scalars tab's charts named by what
+    # their y axis shows, train and val together.
+    tensorboard = tensorboard_log(project.path / "logs/train")
+    assert {"loss/train", "loss/val", "acc/train", "acc/val", "perf/lr"} <= set(tensorboard["scalars"])
+    assert tensorboard["charts"] == {"loss (cross-entropy): train and val": ["^loss/train$", "^loss/val$"],
+                                     "accuracy (fraction right): train and val": ["^acc/train$", "^acc/val$"],
+                                     "learning rate": ["^perf/lr$"],
+                                     "training speed (images per second)": ["^perf/images_per_s$"]}
 
     ev = json.loads((project.path / "metrics/eval.json").read_text())
     assert set(ev["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
@@ -62,9 +70,36 @@ def test_full_repro_writes_every_declared_output(project):
                                                           "y": {"val accuracy (fraction right)"}}
     assert axis_titles(specs["Confusion matrix"]) == {"x": {"actual class"}, "y": {"predicted class"}}
     assert "test images" in specs["Confusion matrix"]["title"]["text"]
+    # The project's templates (.dvc/plots/): ticks on whole epochs only, PFLOP labels that
+    # cannot run into each other, a titled colour scale with the count in every cell.
+    for name in ("Loss", "Accuracy"):
+        assert specs[name]["encoding"]["x"]["axis"] == {"tickMinStep": 1, "format": "d"}
+    compute_axis = specs["Accuracy per compute"]["encoding"]["x"]["axis"]
+    assert compute_axis["labelOverlap"] and compute_axis["labelAngle"] and compute_axis["format"] == "~g"
+    rect, counts = specs["Confusion matrix"]["spec"]["layer"]
+    assert rect["encoding"]["color"]["title"] == "test images" and counts["mark"]["type"] == "text"
+    # Train is the solid line and val the dashed one, whatever the revision's colour.
+    dashes = specs["Loss"]["encoding"]["strokeDash"]["scale"]
+    assert dict(zip(dashes["domain"], dashes["range"])) == {"train_loss": [1, 0], "val_loss": [8, 8]}
 
     # Nothing changed: nothing reruns.
     assert project.ran_stages(project.dvc("repro")) == []
+
+
+def tensorboard_log(log_dir: Path) -> dict:
+    """The scalar tags of a TensorBoard log and its Custom Scalars charts (title: tag patterns),
+    read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    layout = layout_pb2.Layout()
+    config = events.Tensors("custom_scalars__config__")[0].tensor_proto
+    layout.ParseFromString(tensor_util.make_ndarray(config).item())
+    charts = {c.title: list(c.multiline.tag) for category in layout.category for c in category.chart}
+    return {"scalars": events.Tags()["scalars"], "charts": charts}
 
 
 def axis_titles(spec) -> dict[str, set[str]]:

@@ -81,11 +81,26 @@ def _write_curve(path: Path, rows: list[Row]) -> None:
                 f.write(",".join("" if r[c] is None else f"{r[c]:.6g}" for c in CURVE_COLUMNS) + "\n")
 
 
+# TensorBoard names a chart by its tag and its y axis not at all: the Custom Scalars tab gets
+# charts titled with what is on the y axis, train and val together (TensorBoard's smoothing is
+# a setting of its page, not of the log: docs/training.md says how to turn it off).
+TENSORBOARD_LAYOUT = {
+    "per epoch": {
+        "loss (cross-entropy): train and val": ["Multiline", ["^loss/train$", "^loss/val$"]],
+        "accuracy (fraction right): train and val": ["Multiline", ["^acc/train$", "^acc/val$"]],
+        "learning rate": ["Multiline", ["^perf/lr$"]],
+        "training speed (images per second)": ["Multiline", ["^perf/images_per_s$"]],
+    }
+}
+
+
 def _tensorboard(log_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    return SummaryWriter(log_dir=str(log_dir))
+    writer = SummaryWriter(log_dir=str(log_dir))
+    writer.add_custom_scalars(TENSORBOARD_LAYOUT)
+    return writer
 
 
 def _live(live_dir: Path):
