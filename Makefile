@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run demo test bench fast speedrun search clean
+.PHONY: install run demo test bench fast speedrun search show clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,17 @@ fast: install
 
 speedrun: install
 	args=$$($(RECIPE) speed -S train.val_fraction=$(VAL)) && dvc exp run --temp $$args $(R)
+
+# The experiments as a table for a terminal (dvc exp show has a column per metric, param and
+# dependency: over 130): test and val accuracy, training compute and seconds first, then the
+# params that differ between the rows. --drop removes dependencies (a path), metrics of one file
+# among several (file:name), per-class accuracies, download.md5 (a hash) and every other plain
+# metric (no dot); --keep protects the named columns; params (section.key) stay when they
+# differ. A=... adds options: make show A='--sort-by test_acc', A=--csv, A=--md.
+SHOW_DROP := '.*/|.*:|per_class_acc\.|download\.md5$$|[^.]*$$'
+SHOW_KEEP := 'Experiment$$|test_acc$$|(metrics/train\.json:)?val_acc$$|train_pflop$$|train_seconds$$'
+show: install
+	@dvc exp show --no-pager --only-changed --drop $(SHOW_DROP) --keep $(SHOW_KEEP) $(A)
 
 # Hyperparameter search (docs/search.md): search.yaml's Optuna study, one `dvc exp run` per
 # trial; ARGS passes options, e.g. make search ARGS='--storage postgresql://... --seed 3'.
