@@ -80,6 +80,8 @@ def test_the_readme_from_make_run_to_the_defaults_works_offline(tmp_path):
     env = run_env()
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != str(Path(sys.executable).parent))
     env["COLUMNS"] = "250"  # a wide terminal, for the tables
+    for inherited in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):  # when the suite itself runs under `make test`
+        env.pop(inherited, None)
     for git in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
         subprocess.run(["git", *git], cwd=project, env=env, check=True, capture_output=True)
     committed = (project / "params.yaml").read_text()
