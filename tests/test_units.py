@@ -19,6 +19,7 @@ from imgclf.data.preprocess import channel_stats
 from imgclf.download.fetch import fetch, local_path, source_name
 from imgclf.models import registry as models
 from imgclf.models.runtime import resolve_precision
+from imgclf.recipes import flatten
 from imgclf.train.augment import Augmenter
 from imgclf.train.trainee import lr_factor
 
@@ -124,24 +125,14 @@ def test_fp16_is_refused_on_cpu():
     assert resolve_precision("fp32", torch.device("cpu")) is None
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def test_committed_params_are_valid_and_dvc_yaml_declares_known_keys():
     from dvc.utils.serialize import parse_yaml
 
     params = load_params(ROOT / "params.yaml")
     # Every value written in the file is the value the stages use: same value, same type (an
     # int literal is allowed where the schema takes a float), nothing dropped or coerced.
-    written = _flat(parse_yaml((ROOT / "params.yaml").read_text(), "params.yaml"))
-    used = _flat(params.model_dump())
+    written = flatten(parse_yaml((ROOT / "params.yaml").read_text(), "params.yaml"))
+    used = flatten(params.model_dump())
     assert written.keys() <= used.keys()
     for key, value in written.items():
         assert used[key] == value, key

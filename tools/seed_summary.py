@@ -19,22 +19,14 @@ import subprocess
 import sys
 from typing import Any
 
+from imgclf.recipes import flatten
+
 COLUMNS = (  # (file, key, heading, format)
     ("metrics/eval.json", "test_acc", "test accuracy", "{:.2%}"),
     ("metrics/train.json", "train_pflop", "PFLOP", "{:.4g}"),
     ("metrics/train.json", "train_seconds", "training s", "{:.0f}"),
     ("metrics/train.json", "tflop_per_s", "TFLOP/s", "{:.3g}"),
 )
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def experiments(show: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -50,7 +42,7 @@ def experiments(show: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
                 if not params or not all(metrics.get(f) for f, *_ in COLUMNS):
                     skipped += 1
                     continue
-                runs.append({"name": rev.get("name") or rev.get("rev"), "params": _flatten(params), "metrics": metrics})
+                runs.append({"name": rev.get("name") or rev.get("rev"), "params": flatten(params), "metrics": metrics})
     return runs, skipped
 
 
