@@ -63,6 +63,22 @@ def test_a_cache_that_cannot_fit_is_refused_before_any_decode(tmp_path):
         read_archive(archive, image_size=224, budget=full)
 
 
+
+def test_empty_members_do_not_count_towards_the_cache_estimate(tmp_path):
+    # 40 empty members beside 8 images: 8 slots of 224 px (1.2 MB) fit where 48 (7.2 MB) would not.
+    from imgclf.data.budget import CacheBudget
+
+    members = {**folder_members(), **{f"train/a/e{i:02d}.png": b"" for i in range(40)}}
+    archive = make_tar(tmp_path / "d.tar.gz", members)
+    budget = CacheBudget(image_size=224, memory=2 * 10**6, memory_source="MemAvailable in /proc/meminfo",
+                         disk=10**12, out_dir="data/processed")
+    raw = read_archive(archive, image_size=224, bad_images="skip", budget=budget)
+    assert (len(raw.train), len(raw.test)) == (4, 4)
+    tight = CacheBudget(image_size=224, memory=10**6, memory_source="MemAvailable in /proc/meminfo",
+                        disk=10**12, out_dir="data/processed")
+    with pytest.raises(PipelineError, match=r"a cache of 8 images needs"):
+        read_archive(archive, image_size=224, bad_images="skip", budget=tight)
+
 # --- 4. data that cannot train honestly --------------------------------------------------------
 
 def test_a_single_class_dataset_is_refused(tmp_path):

@@ -109,12 +109,13 @@ def _not_an_archive(archive: Path, e: NotAnArchiveError) -> PipelineError:
 def count_images(archive: Path, limits: Limits = DEFAULT_LIMITS) -> int:
     """How many files and links the archive holds in class folders, from its headers alone: a
     pass that reads no image (a zip's directory; a tar's headers, its data skipped or, when
-    compressed, decompressed and dropped). Every name and limit is checked on the way."""
+    compressed, decompressed and dropped). Every name and limit is checked on the way. An empty
+    file is not counted: it can never become an image, so it never takes a slot in the cache."""
     n = 0
     try:
         with open_archive(archive) as raw:
             for m in iter_members(raw, archive, limits):
-                n += m.kind != "other" and _layout(m.path) is not None
+                n += m.kind != "other" and not (m.kind == "file" and m.size == 0) and _layout(m.path) is not None
     except NotAnArchiveError as e:
         raise _not_an_archive(archive, e) from None
     return n
