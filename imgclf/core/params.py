@@ -108,11 +108,19 @@ class AugmentParams(_Section):
 class TrainParams(_Section):
     epochs: int = Field(10, ge=1, le=10_000, description="passes over the training images")
     batch_size: int = Field(128, ge=1, le=65_536, description="images per step, over all processes")
-    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="sgd (with momentum) | adam | adamw")
+    optimizer: Literal["sgd", "adam", "adamw", "muon"] = Field(
+        "sgd", description="sgd (with momentum) | adam | adamw | muon (conv filters; the rest sgd)")
     lr: float = Field(0.05, gt=0, le=100, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd")
     nesterov: bool = Field(True, description="sgd: Nesterov momentum")
     weight_decay: float = Field(5e-4, ge=0, le=1, description="not applied to biases and norm parameters")
+    # torch.optim.Muon (imgclf/train/muon.py): each conv filter bank, flattened to 2-D, gets an
+    # orthogonalised momentum update; the head, biases and norm parameters keep Nesterov SGD.
+    muon_lr: float = Field(0.05, gt=0, le=100, description="muon: peak learning rate of the conv filters")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: momentum of the conv filters")
+    muon_ns_steps: int = Field(5, ge=1, le=20, description="muon: Newton-Schulz iterations per update")
+    muon_weight_decay: float = Field(0.0, ge=0, le=1, description=(
+        "muon: decoupled weight decay of the conv filters, per unit of learning rate"))
     # The speed records train batch norm's biases 64x faster than the weights while its
     # scales stay frozen.
     bias_lr_scale: float = Field(1.0, gt=0, le=1000,

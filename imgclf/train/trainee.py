@@ -23,17 +23,28 @@ from ..models import registry
 from ..models.runtime import autocast
 from .augment import Augmenter
 from .lookahead import Lookahead
+from .muon import MuonSGD
 
 
 def make_optimizer(model: nn.Module, train_params: TrainParams) -> torch.optim.Optimizer:
     # No weight decay on norm layers' scales and on biases: decaying them only fights BN.
     # They learn at train.bias_lr_scale x the rate of the weights (LambdaLR scales each group's own).
-    decay, no_decay = [], []
+    # train.optimizer muon: the conv filters (4-D) go to Muon instead (imgclf/train/muon.py).
+    muon = train_params.optimizer == "muon"
+    decay, no_decay, filters = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 else filters if muon and p.ndim == 4 else decay).append(p)
     groups = [{"params": decay, "weight_decay": train_params.weight_decay},
               {"params": no_decay, "weight_decay": 0.0, "lr": train_params.lr * train_params.bias_lr_scale}]
+    if muon:
+        if not filters:
+            raise PipelineError("train.optimizer = 'muon': the model has no convolution filters for Muon to train; "
+                                "use sgd, adam or adamw")
+        return MuonSGD(groups, filters, lr=train_params.lr, momentum=train_params.momentum,
+                       nesterov=train_params.nesterov, muon_lr=train_params.muon_lr,
+                       muon_momentum=train_params.muon_momentum, muon_ns_steps=train_params.muon_ns_steps,
+                       muon_weight_decay=train_params.muon_weight_decay)
     if train_params.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train_params.lr, momentum=train_params.momentum,
                                nesterov=train_params.nesterov and train_params.momentum > 0)
