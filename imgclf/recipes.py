@@ -5,8 +5,9 @@ params that differ from params.yaml. The Makefile, the bench and the GPU check r
     python -m imgclf.recipes speed -S train.val_fraction=0.1 --lines   # one argument per line
     dvc exp run $(python -m imgclf.recipes speed)
 
-A recipe is checked against the params schema, laid over the project's params.yaml, before
-any argument is printed: a misspelt key or a value out of range is one line, naming the file.
+A recipe may start from another (``base: speed``) and hold only what differs from it. It is
+checked against the params schema, laid over the project's params.yaml, before any argument
+is printed: a misspelt key or a value out of range is one line, naming the file.
 
 No stage imports this module (it sits outside every stage's folder), so editing it reruns
 nothing.
@@ -32,8 +33,11 @@ def names(folder: Path = RECIPES_DIR) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-def load(name: str, folder: Path = RECIPES_DIR) -> dict[str, Any]:
-    """The recipe's nested overlay, as written."""
+def load(name: str, folder: Path = RECIPES_DIR, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe's nested overlay: as written, laid over the recipe its ``base:`` names, if any
+    (``base: speed`` and the values that differ from the speed recipe)."""
+    if name in _seen:
+        raise PipelineError(f"recipe {name!r}: its bases loop ({' -> '.join((*_seen, name))})")
     path = folder / f"{name}.yaml"
     if not path.is_file():
         raise PipelineError(f"no recipe {name!r}: {path} does not exist; recipes: {', '.join(names(folder)) or 'none'}")
@@ -43,7 +47,12 @@ def load(name: str, folder: Path = RECIPES_DIR) -> dict[str, Any]:
         raise PipelineError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(overlay, dict):
         raise PipelineError(f"{path}: expected a mapping of params sections")
-    return overlay
+    base = overlay.pop("base", None)
+    if base is None:
+        return overlay
+    if not isinstance(base, str):
+        raise PipelineError(f"{path}: base: expected the name of another recipe, not {base!r}")
+    return _merge(load(base, folder, (*_seen, name)), overlay)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

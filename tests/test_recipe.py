@@ -4,6 +4,7 @@ recipe training, learning and resuming bit for bit."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,51 @@ def test_convolutions_start_as_identities_and_batch_norm_trains_only_its_biases_
     assert all(id(m.weight) not in in_groups for m in norms)  # frozen scales are not optimised
     assert id(model.net.whiten.bias) in in_groups and id(model.net.whiten.weight) not in in_groups
 
+
+def test_airbench94s_bias_rules_are_params():
+    model = whitened()
+    whiten_bias = models.whiten_bias("whitened_net", model)
+    assert [p is model.net.whiten.bias for p in whiten_bias] == [True]
+    # decay_biases: biases and norm parameters decay by the weights' share per step (lr x wd).
+    weights, biases = make_optimizer(model, TrainParams(lr=1.5, weight_decay=0.0013, bias_lr_scale=64,
+                                                        decay_biases=True)).param_groups
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(weights["lr"] * weights["weight_decay"])
+    # whiten_bias_lr weights: the whitening bias learns at lr in a group of its own, as airbench94's.
+    groups = make_optimizer(model, TrainParams(lr=1.5, weight_decay=0.0013, bias_lr_scale=64, decay_biases=True,
+                                               whiten_bias_lr="weights"), whiten_bias).param_groups
+    assert [g["params"] for g in groups[2:]] == [whiten_bias]
+    assert (groups[2]["lr"], groups[2]["weight_decay"]) == (1.5, 0.0013)
+    assert all(p is not model.net.whiten.bias for p in groups[1]["params"])
+
+
+def test_the_whitening_bias_trains_for_whiten_bias_epochs_then_stays():
+    from imgclf.train.trainee import make_step
+
+    torch.manual_seed(0)
+    model = whitened()
+    step = make_step(model, TrainParams(epochs=3, lr=0.5, schedule="constant", whiten_bias_epochs=1), torch.device("cpu"), None,
+                     total_steps=6, steps_per_epoch=2, whiten_bias=models.whiten_bias("whitened_net", model))
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    seen = [model.net.whiten.bias.detach().clone()]
+    for _ in range(6):
+        step(x, y)
+        seen.append(model.net.whiten.bias.detach().clone())
+    assert not torch.equal(seen[1], seen[0]) and not torch.equal(seen[2], seen[1])  # epoch 1: it learns
+    assert all(torch.equal(b, seen[2]) for b in seen[3:])  # epochs 2 and 3: frozen
+    assert not torch.equal(model.net.block1.norm1.bias, torch.zeros_like(model.net.block1.norm1.bias))
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"whiten_bias_epochs": 3}, "train.whiten_bias_epochs = 3: model.arch 'seed_cnn_bn' has no whitening layer; set it to 0"),
+    ({"whiten_bias_lr": "weights"}, "train.whiten_bias_lr = 'weights': model.arch 'seed_cnn_bn' has no whitening layer"),
+])
+def test_whitening_params_on_a_net_without_one_are_refused(kw, message):
+    from imgclf.train.trainee import build_trainee
+
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        build_trainee(ModelParams(), TrainParams(**kw), num_classes=10, image_size=32, mean=MEAN, std=STD,
+                      device=torch.device("cpu"), amp=None, steps_per_epoch=2)
 
 def test_muon_takes_the_conv_filters_as_2d_views_and_leaves_the_rest_to_sgd():
     model = whitened()

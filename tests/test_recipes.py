@@ -29,7 +29,26 @@ def test_each_recipe_is_valid_params_laid_over_params_yaml(name):
 
 
 def test_the_recipes_are_the_ones_documented():
-    assert recipes.names() == ["demo", "fast", "speed"]
+    assert recipes.names() == ["airbench94", "demo", "fast", "speed"]
+
+
+def test_airbench94_is_the_speed_recipe_and_airbench94s_details():
+    speed, airbench = recipes.flatten(recipes.load("speed")), recipes.flatten(recipes.load("airbench94"))
+    assert {k: v for k, v in airbench.items() if k in speed} == speed
+    assert {k: v for k, v in airbench.items() if k not in speed} == {
+        "train.onecycle_start": 0.2, "train.onecycle_peak": 0.23, "train.onecycle_end": 0.07,
+        "train.whiten_bias_epochs": 3, "train.whiten_bias_lr": "weights", "train.decay_biases": True,
+        "export.tta_center_weight": 2}
+
+
+def test_a_recipe_on_a_base_holds_what_differs_and_a_loop_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  lr: 0.1\n  epochs: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a\ntrain:\n  epochs: 5\n")
+    assert recipes.set_args("b", params=ROOT / "params.yaml", folder=tmp_path) == [
+        "-S", "train.lr=0.1", "-S", "train.epochs=5"]
+    (tmp_path / "a.yaml").write_text("base: b\n")
+    with pytest.raises(PipelineError, match=r"recipe 'b': its bases loop \(b -> a -> b\)"):
+        recipes.load("b", tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv/bin/python").exists(),

@@ -207,6 +207,29 @@ def test_test_time_shift_must_be_smaller_than_the_images(cache_dir_8px, tmp_path
     assert (metrics["tta_flip"], metrics["tta_shift"], metrics["num_test"]) == (False, 7, 50)
 
 
+def test_weighted_test_time_views_travel_in_every_export(cache_dir, tmp_path):
+    """export.tta_center_weight (airbench94's 2) is part of the model: the bundle carries it,
+    the ONNX and .pt2 graphs agree with PyTorch, and evaluate applies it."""
+    from imgclf.core.params import EvaluateParams
+    from imgclf.models.bundle import load_state_dict_model as load_model
+    from imgclf.serve.evaluate import evaluate
+    from imgclf.serve.export import export
+
+    run(cache_dir, tmp_path / "train", epochs=1)
+    images = torch.load(cache_dir / "test.pt", weights_only=True)["images"][:8]
+    outs = [tmp_path / "out/model.pt", tmp_path / "out/model_state.pt", tmp_path / "out/serving"]
+    report = export(tmp_path / "train/model.pt", *outs, images, tta_flip=True, tta_shift=1, tta_center_weight=2.0)
+    assert report["max_abs_diff_onnx"] <= report["tolerance"] and report["max_abs_diff_pt2"] <= report["tolerance"]
+    model, bundle = load_model(outs[1])
+    assert bundle["tta"] == {"flip": True, "shift": 1, "center_weight": 2.0}
+    metrics = evaluate(outs[1], cache_dir, EvaluateParams(), tmp_path / "eval.json", tmp_path / "p.csv")
+    assert (metrics["tta_shift"], metrics["tta_center_weight"]) == (1, 2.0)
+    export(tmp_path / "train/model.pt", *outs, images, formats=(), tta_flip=True, tta_shift=1)
+    assert "center_weight" not in load_model(outs[1])[1]["tta"]  # 1, the default: the bundle as before
+    with torch.no_grad():
+        assert not torch.allclose(load_model(outs[1])[0](images), model(images))
+
+
 def test_hold_out_is_stratified_fixed_and_disjoint():
     from imgclf.cache.dataset import Split, hold_out
 

@@ -93,6 +93,17 @@ def test_schedules_start_low_and_end_at_zero(schedule):
         assert factors[0] <= 0.01 and factors[-1] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_onecycle_takes_airbench94s_start_peak_and_end():
+    total, per_epoch = 1000, 100
+    default = [lr_factor(TrainParams(), s, total, per_epoch) for s in (0, 125, 250, 625, 1000)]
+    assert default == [0.0, 0.5, 1.0, 0.5, 0.0]  # the triangle, unchanged
+    airbench = TrainParams(onecycle_start=0.2, onecycle_peak=0.23, onecycle_end=0.07)
+    factors = [lr_factor(airbench, s, total, per_epoch) for s in range(total + 1)]
+    assert factors[0] == pytest.approx(0.2) and factors[230] == 1.0 and factors[-1] == pytest.approx(0.07)
+    assert max(factors) == 1.0 and factors.index(1.0) == 230
+    assert factors[115] == pytest.approx(0.6) and factors[615] == pytest.approx(0.535)  # linear both ways
+
+
 def test_seed_cnn_is_the_tutorials_network():
     net = models.ARCHS["seed_cnn"].build()
     assert list(dict(net.named_children())) == [
@@ -517,6 +528,17 @@ def test_test_time_views():
     both = TestTimeAugmented(probe, flip=True, shift=1)(images)  # 6 views: 3 shifts x (image, mirror)
     expected = sum(probe(v) for d in (0, 1, -1) for v in (shift(images, d, d), shift(images, d, d).flip(-1))) / 6
     torch.testing.assert_close(both, expected)
+    # export.tta_center_weight 2, airbench94's weights: half on the unshifted pair, a quarter on each shifted pair.
+    images = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    both = TestTimeAugmented(probe, flip=True, shift=1)(images)
+    weighted = with_tta(probe, {"flip": True, "shift": 1, "center_weight": 2.0})(images)
+
+    def mirrored(x):
+        return 0.5 * probe(x) + 0.5 * probe(x.flip(-1))
+
+    expected = 0.5 * mirrored(images) + 0.25 * mirrored(shift(images, 1, 1)) + 0.25 * mirrored(shift(images, -1, -1))
+    torch.testing.assert_close(weighted, expected)
+    assert not torch.allclose(weighted, both)
 
 
 def test_more_training_processes_than_cores_is_warned_about():

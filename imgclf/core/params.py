@@ -113,7 +113,10 @@ class TrainParams(_Section):
     lr: float = Field(0.05, gt=0, le=100, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd")
     nesterov: bool = Field(True, description="sgd: Nesterov momentum")
-    weight_decay: float = Field(5e-4, ge=0, le=1, description="not applied to biases and norm parameters")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="not applied to biases and norm parameters (see decay_biases)")
+    # airbench94 decays them too, by the same share per step as the weights.
+    decay_biases: bool = Field(False, description=(
+        "also decay biases and norm parameters, by weight_decay / bias_lr_scale (the weights' share per step)"))
     # torch.optim.Muon (imgclf/train/muon.py): each conv filter bank, flattened to 2-D, gets an
     # orthogonalised momentum update; the head, biases and norm parameters keep Nesterov SGD.
     muon_lr: float = Field(0.05, gt=0, le=100, description="muon: peak learning rate of the conv filters")
@@ -125,11 +128,20 @@ class TrainParams(_Section):
     # scales stay frozen.
     bias_lr_scale: float = Field(1.0, gt=0, le=1000,
                                  description="learning rate of biases and norm parameters, as a multiple of lr")
+    # airbench94 trains its whitening layer's bias for 3 epochs, then freezes it.
+    whiten_bias_epochs: int = Field(0, ge=0, le=10_000, description=(
+        "whitened_net: epochs the whitening layer's bias trains before it is frozen; 0 = the whole run"))
+    whiten_bias_lr: Literal["bias", "weights"] = Field("bias", description=(
+        "whitened_net: the whitening layer's bias learns at the biases' rate (bias_lr_scale x lr) or the weights'"))
     # More strongly as training ends (imgclf/train/lookahead.py).
     lookahead: bool = Field(False, description="every 5 steps pull the weights back to their running average; end on it")
     schedule: Literal["constant", "cosine", "onecycle", "linear"] = Field(
         "onecycle", description="the learning rate over the run: constant | cosine | onecycle | linear")
     warmup_epochs: float = Field(1.0, ge=0, le=10_000, description="cosine, linear: epochs of linear warm-up")
+    # airbench94's one-cycle: 0.2 -> 1 at 23% of the steps -> 0.07 (recipes/airbench94.yaml).
+    onecycle_start: float = Field(0.0, ge=0, le=1, description="onecycle: the lr at the first step, as a share of the peak")
+    onecycle_peak: float = Field(0.25, gt=0, lt=1, description="onecycle: where the peak falls, as a share of the steps")
+    onecycle_end: float = Field(0.0, ge=0, le=1, description="onecycle: the lr at the last step, as a share of the peak")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="share of each target spread over all classes")
     # The same images every run; with 0, evaluate's test figures are the run's only held-out ones.
     val_fraction: float = Field(0.1, ge=0, le=0.5, description=(
@@ -193,6 +205,9 @@ class ExportParams(_Section):
     # the serving files all average these views.
     tta_flip: bool = Field(False, description="test-time augmentation: average the logits of each image and its mirror")
     tta_shift: int = Field(0, ge=0, le=8, description="pixels; >0 also averages views shifted by (+s,+s) and (-s,-s); < image_size")
+    # airbench94 weighs the unshifted pair as much as both shifted pairs together: 2.
+    tta_center_weight: float = Field(1.0, gt=0, le=100, description=(
+        "tta_shift > 0: the weight of the unshifted views against each shifted pair's"))
 
 
 class Params(_Section):

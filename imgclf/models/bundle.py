@@ -62,9 +62,12 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
     if bundle.get("version") != VERSION:
         raise PipelineError(f"{path}: format version {bundle.get('version')} is not supported (expected {VERSION})")
     tta = bundle.get("tta")
-    if tta is not None and not (isinstance(tta, dict) and set(tta) == {"flip", "shift"} and isinstance(tta["flip"], bool)
-                                and type(tta["shift"]) is int and 0 <= tta["shift"] < int(bundle.get("image_size", 0))):
-        raise PipelineError(f"{path}: 'tta' must be {{'flip': bool, 'shift': pixels below the image size}}, not {tta!r}")
+    if tta is not None and not (isinstance(tta, dict) and set(tta) - {"center_weight"} == {"flip", "shift"}
+                                and isinstance(tta["flip"], bool) and type(tta["shift"]) is int
+                                and 0 <= tta["shift"] < int(bundle.get("image_size", 0))
+                                and type(tta.get("center_weight", 1.0)) is float and tta.get("center_weight", 1.0) > 0):
+        raise PipelineError(f"{path}: 'tta' must be {{'flip': bool, 'shift': pixels below the image size"
+                            f"[, 'center_weight': a positive float]}}, not {tta!r}")
     return bundle
 
 

@@ -13,6 +13,8 @@ hooks:
   trained weights replace what it downloads), dropped when a file or a shape check rebuilds it.
 - ``fit_to_data``: a function ``(net, images, normalize, device)`` that sets layers from the
   training images before the first step (the whitening layer of ``whitened_net``).
+- ``whiten_bias``: a function ``(net) -> [parameters]``, the whitening layer's bias, which
+  ``train.whiten_bias_epochs`` freezes after that many epochs (airbench94's rule).
 
 Every model is wrapped in :class:`Classifier`, which takes uint8 images ``(N, 3, H, W)`` (or
 floats on the 0..255 scale) and applies the training normalisation itself. The normalisation
@@ -43,13 +45,15 @@ class Architecture:
     meaning: dict[str, str] = field(default_factory=dict)
     build_only: tuple[str, ...] = ()
     fit_to_data: Callable[[nn.Module, torch.Tensor, Callable, torch.device], bool] | None = None
+    whiten_bias: Callable[[nn.Module], list[nn.Parameter]] | None = None
 
 
 ARCHS: dict[str, Architecture] = {}
 
 
 def architecture(fn: Callable[..., nn.Module] | None = None, *, meaning: dict[str, str] | None = None,
-                 build_only: tuple[str, ...] = (), fit_to_data: Callable | None = None):
+                 build_only: tuple[str, ...] = (), fit_to_data: Callable | None = None,
+                 whiten_bias: Callable | None = None):
     """Register a builder under its function's name: ``@architecture`` or ``@architecture(...)``
     with the hooks above."""
 
@@ -65,7 +69,7 @@ def architecture(fn: Callable[..., nn.Module] | None = None, *, meaning: dict[st
             raise TypeError(f"architecture {fn.__name__}: registered twice "
                             f"({ARCHS[fn.__name__].build.__module__} and {fn.__module__})")
         ARCHS[fn.__name__] = Architecture(fn.__name__, fn, params[2:], dict(meaning or {}), tuple(build_only),
-                                          fit_to_data)
+                                          fit_to_data, whiten_bias)
         return fn
 
     return register(fn) if fn is not None else register
@@ -132,6 +136,12 @@ def fit_to_data(arch: str, model: Classifier, images: torch.Tensor) -> None:
     hook = check_arch(arch).fit_to_data
     if hook is not None:
         hook(model.net, images, model.normalize, model.scale.device)
+
+
+def whiten_bias(arch: str, model: Classifier) -> list[nn.Parameter]:
+    """The whitening layer's bias of ``model`` (built as ``arch``); [] when it has none."""
+    hook = check_arch(arch).whiten_bias
+    return [] if hook is None else list(hook(model.net))
 
 
 def _discover() -> None:

@@ -2,6 +2,8 @@
 
 The views are the image, its mirror (``flip``), and both of those shifted diagonally by
 ``shift`` pixels either way, the uncovered border filled by reflection: 1, 2, 3 or 6 views.
+They weigh the same, unless ``center_weight`` (``export.tta_center_weight``) weighs the
+unshifted ones more: airbench94 counts them twice, as much as both shifted pairs together.
 Being a module, the averaging travels inside every export (the whole model, ONNX, ``.pt2``)
 and is rebuilt from the state_dict bundle's ``"tta"`` entry, so evaluation, ``imgclf-predict``
 and a serving stack all compute the same logits. The export stage sets it
@@ -31,19 +33,26 @@ def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 class TestTimeAugmented(nn.Module):
     """``model``'s logits averaged over the views; takes and returns what ``model`` does."""
 
-    def __init__(self, model: nn.Module, flip: bool, shift: int):
+    def __init__(self, model: nn.Module, flip: bool, shift: int, center_weight: float = 1.0):
         super().__init__()
         self.model, self.flip, self.shift = model, bool(flip), int(shift)
+        self.center_weight = float(center_weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()  # reflect padding takes floats; the model takes 0..255 floats as uint8
         s = self.shift
+        # A whole model pickled before center_weight existed has no such attribute: 1.
+        w = getattr(self, "center_weight", 1.0) if s else 1.0
         total = None
         for dy in [0] + ([s, -s] if s else []):
             view = shift(x, dy, dy)
             for v in [view, view.flip(-1)] if self.flip else [view]:
                 logits = self.model(v).float()
+                if dy == 0 and w != 1.0:
+                    logits = logits * w
                 total = logits if total is None else total + logits
+        if w != 1.0:
+            return total / ((2 if self.flip else 1) * (w + 2))
         return total / views(self.flip, self.shift)
 
 
@@ -56,4 +65,4 @@ def with_tta(model: nn.Module, tta: dict[str, Any] | None) -> nn.Module:
     tta = tta or OFF
     if not tta["flip"] and not tta["shift"]:
         return model
-    return TestTimeAugmented(model, tta["flip"], tta["shift"])
+    return TestTimeAugmented(model, tta["flip"], tta["shift"], tta.get("center_weight", 1.0))

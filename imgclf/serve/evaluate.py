@@ -44,6 +44,7 @@ def evaluate(model_path: str | os.PathLike, cache_dir: str | os.PathLike, evalua
         "num_test": len(labels),
         "tta_flip": tta["flip"],
         "tta_shift": tta["shift"],
+        **({"tta_center_weight": tta["center_weight"]} if "center_weight" in tta else {}),
         "per_class_acc": per_class,
     }
     write_json(metrics_out, metrics)

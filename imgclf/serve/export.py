@@ -102,7 +102,8 @@ def check_agreement(expected: torch.Tensor, got: dict[str, torch.Tensor], tolera
 
 def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, bundle_out: str | os.PathLike,
            serving_out: str | os.PathLike, images: torch.Tensor, *, formats: Sequence[str] = serving.FORMATS,
-           tolerance: float = 1e-3, tta_flip: bool = False, tta_shift: int = 0) -> dict[str, Any]:
+           tolerance: float = 1e-3, tta_flip: bool = False, tta_shift: int = 0,
+           tta_center_weight: float = 1.0) -> dict[str, Any]:
     """Write every export, prove each reloads in a fresh process and agrees on ``images``.
 
     ``serving_out`` is a folder holding one file per format in ``formats`` (none: empty).
@@ -114,6 +115,8 @@ def export(model_in: str | os.PathLike, whole_out: str | os.PathLike, bundle_out
         raise PipelineError(f"export.tta_shift = {tta_shift} must be smaller than the images "
                             f"(preprocess.image_size = {bundle['image_size']}, in {model_in})")
     bundle["tta"] = {"flip": tta_flip, "shift": tta_shift}
+    if tta_shift and tta_center_weight != 1.0:  # only then does it change the views' average
+        bundle["tta"]["center_weight"] = float(tta_center_weight)
     model = with_tta(model_from_bundle(bundle), bundle["tta"]).eval()
     torch.set_num_threads(1)
     with torch.no_grad():
@@ -148,7 +151,7 @@ def run(export_params: ExportParams, paths: ExportPaths) -> dict[str, Any]:
     formats = [f for f in serving.FORMATS if getattr(export_params, f)]
     report = export(paths.trained, paths.whole_model, paths.bundle, paths.serving_dir, images, formats=formats,
                     tolerance=export_params.tolerance, tta_flip=export_params.tta_flip,
-                    tta_shift=export_params.tta_shift)
+                    tta_shift=export_params.tta_shift, tta_center_weight=export_params.tta_center_weight)
     write_json(paths.metrics_out, report)
     written = [paths.whole_model, paths.bundle, *(paths.serving_dir / serving.FILE_NAMES[f] for f in formats)]
     log.info("exported %s; all reload in a fresh process and agree on %d images%s", ", ".join(map(str, written)),

@@ -26,17 +26,27 @@ from .lookahead import Lookahead
 from .muon import MuonSGD
 
 
-def make_optimizer(model: nn.Module, train_params: TrainParams) -> torch.optim.Optimizer:
-    # No weight decay on norm layers' scales and on biases: decaying them only fights BN.
-    # They learn at train.bias_lr_scale x the rate of the weights (LambdaLR scales each group's own).
-    # train.optimizer muon: the conv filters (4-D) go to Muon instead (imgclf/train/muon.py).
+def make_optimizer(model: nn.Module, train_params: TrainParams,
+                   whiten_bias: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    # Biases and norm parameters learn at train.bias_lr_scale x the weights' rate (LambdaLR
+    # scales each group's own) and decay only with train.decay_biases (by default not: decaying
+    # them only fights BN). train.optimizer muon: the 4-D conv filters go to Muon instead
+    # (imgclf/train/muon.py). train.whiten_bias_lr weights: the whitening bias learns at the
+    # weights' rate, in a group of its own, as airbench94's does.
     muon = train_params.optimizer == "muon"
-    decay, no_decay, filters = [], [], []
+    as_weight = {id(p) for p in whiten_bias or ()} if train_params.whiten_bias_lr == "weights" else set()
+    decay, no_decay, filters, weight_like = [], [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else filters if muon and p.ndim == 4 else decay).append(p)
+            (weight_like if id(p) in as_weight else no_decay if p.ndim <= 1 else
+             filters if muon and p.ndim == 4 else decay).append(p)
+    # decay_biases: the same share per step as the weights (lr x weight_decay), at their rate.
+    bias_decay = train_params.weight_decay / train_params.bias_lr_scale if train_params.decay_biases else 0.0
     groups = [{"params": decay, "weight_decay": train_params.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0, "lr": train_params.lr * train_params.bias_lr_scale}]
+              {"params": no_decay, "weight_decay": bias_decay, "lr": train_params.lr * train_params.bias_lr_scale}]
+    if weight_like:
+        groups.append({"params": weight_like,
+                       "weight_decay": train_params.weight_decay if train_params.decay_biases else 0.0})
     if muon:
         if not filters:
             raise PipelineError("train.optimizer = 'muon': the model has no convolution filters for Muon to train; "
@@ -58,10 +68,14 @@ def lr_factor(train_params: TrainParams, step: int, total: int, steps_per_epoch:
     if train_params.schedule == "constant":
         return 1.0
     if train_params.schedule == "onecycle":
-        # Linear warm-up over the first 25% to the peak, then linear decay to zero: the
-        # shape of the fast CIFAR-10 schedules (a triangle, as in the DAWNBench ResNet-9).
-        peak = max(1, int(0.25 * total))
-        return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
+        # Linear warm-up from onecycle_start over the first onecycle_peak of the steps (25%) to
+        # the peak, then linear decay to onecycle_end: the shape of the fast CIFAR-10 schedules
+        # (by default a triangle from 0 to 0, as in the DAWNBench ResNet-9).
+        start, end = train_params.onecycle_start, train_params.onecycle_end
+        peak = max(1, int(train_params.onecycle_peak * total))
+        if step < peak:
+            return start + (1 - start) * (step / peak)
+        return end + (1 - end) * max(0.0, (total - step) / max(1, total - peak))
     warm = int(train_params.warmup_epochs * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
@@ -84,6 +98,8 @@ class TrainStep:
     device: torch.device
     amp: torch.dtype | None
     lookahead: Lookahead | None = None
+    frozen_later: tuple[nn.Parameter, ...] = ()  # no longer stepped from step `freeze_at` on
+    freeze_at: int = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's loss (detached) and its number of correct predictions, on the device."""
@@ -92,6 +108,9 @@ class TrainStep:
             loss = self.criterion(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.frozen_later and self.scheduler.last_epoch >= self.freeze_at:
+            for p in self.frozen_later:  # no gradient: the optimiser leaves it (and its momentum) be
+                p.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -114,16 +133,19 @@ class TrainStep:
 
 
 def make_step(model: nn.Module, train_params: TrainParams, device: torch.device, amp: torch.dtype | None,
-              total_steps: int, steps_per_epoch: int) -> TrainStep:
-    """The optimiser, schedule, scaler and loss of ``t`` around ``model``."""
-    optimizer = make_optimizer(model, train_params)
+              total_steps: int, steps_per_epoch: int, whiten_bias: list[nn.Parameter] | None = None) -> TrainStep:
+    """The optimiser, schedule, scaler and loss of ``train_params`` around ``model``;
+    ``whiten_bias`` freezes after ``train.whiten_bias_epochs`` epochs."""
+    optimizer = make_optimizer(model, train_params, whiten_bias)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(train_params, s, total_steps, steps_per_epoch)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=train_params.label_smoothing)
     lookahead = Lookahead(model, total_steps) if train_params.lookahead else None
-    return TrainStep(model, optimizer, scheduler, scaler, criterion, device, amp, lookahead)
+    frozen = tuple(whiten_bias or ()) if train_params.whiten_bias_epochs else ()
+    return TrainStep(model, optimizer, scheduler, scaler, criterion, device, amp, lookahead, frozen,
+                     train_params.whiten_bias_epochs * steps_per_epoch)
 
 
 @dataclass
@@ -148,7 +170,15 @@ def build_trainee(model_params: ModelParams, train_params: TrainParams, *, num_c
     model = registry.build(model_params.arch, args, mean, std).to(device, memory_format=fmt)
     if init_images is not None:
         registry.fit_to_data(model_params.arch, model, init_images)
-    step = make_step(model, train_params, device, amp, steps_per_epoch * train_params.epochs, steps_per_epoch)
+    whiten_bias = registry.whiten_bias(model_params.arch, model)
+    if train_params.whiten_bias_epochs and not whiten_bias:
+        raise PipelineError(f"train.whiten_bias_epochs = {train_params.whiten_bias_epochs}: model.arch "
+                            f"{model_params.arch!r} has no whitening layer; set it to 0")
+    if train_params.whiten_bias_lr != "bias" and not whiten_bias:
+        raise PipelineError(f"train.whiten_bias_lr = {train_params.whiten_bias_lr!r}: model.arch "
+                            f"{model_params.arch!r} has no whitening layer; leave it at 'bias'")
+    step = make_step(model, train_params, device, amp, steps_per_epoch * train_params.epochs, steps_per_epoch,
+                     whiten_bias)
     return Trainee(model, args, step, fmt)
 
 

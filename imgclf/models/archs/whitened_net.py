@@ -102,7 +102,8 @@ def fit_to_data(model: nn.Module, images: torch.Tensor, normalize, device: torch
     return True
 
 
-@architecture(fit_to_data=fit_to_data, meaning={"width": "channels of the first block (then 4x, 4x)"})
+@architecture(fit_to_data=fit_to_data, whiten_bias=lambda net: [net.whiten.bias],
+              meaning={"width": "channels of the first block (then 4x, 4x)"})
 def whitened_net(num_classes: int = 10, image_size: int = 32, width: int = 64) -> nn.Sequential:
     """The speed records' network (airbench94's design): a frozen whitening first layer fitted to
     the training images, three blocks of two identity-initialised 3x3 convolutions with frozen
