@@ -204,5 +204,6 @@ def test_two_workers_in_two_clones_share_one_postgresql_study(reproduced_templat
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both took part
     ran = {f"shared-{t.number}": [w for w in (1, 2) if f"trial {t.number}:" in outs[w - 1]] for t in trials}
     assert all(len(by) == 1 for by in ran.values()), ran  # no trial ran twice
+    print(f"two workers, one study: trial -> worker {ran}")  # shown with pytest -s
     pushed = subprocess.run(["git", "ls-remote", str(remote), "refs/exps/*"], capture_output=True, text=True).stdout
     assert {line.rsplit("/", 1)[1] for line in pushed.splitlines()} == set(ran)
