@@ -1,7 +1,8 @@
 """Each param is described once, in the schema (imgclf/core/params.py, `Field(description=...)`);
 this writes what is generated from it:
 
-- params.yaml: every key with its value as the file has it and its description as the comment;
+- params.yaml: every key with its value as the file has it (a key it lacks, at its default: `dvc
+  exp run -S` can set only keys the file holds) and its description as the comment;
 - docs/params.md: the reference: every key, its default, what it takes, its description, and
   the architectures `model.arch` can name, with what each model param means for each.
 
@@ -51,8 +52,8 @@ def _scalar(value: Any) -> str:
 def _section(model: type[BaseModel], values: dict[str, Any], indent: str) -> list[str]:
     lines = []
     for name, field in model.model_fields.items():
-        if name not in values:
-            continue
+        if name not in values:  # DVC's -S sets only keys the file holds: a new param enters at its default
+            values = {**values, name: field.default.model_dump() if isinstance(field.default, BaseModel) else field.default}
         sub = _submodel(field.annotation)
         if sub is not None:
             lines.append(_with_comment(f"{indent}{name}:", field.description))
