@@ -42,18 +42,18 @@ class TestTimeAugmented(nn.Module):
         x = images.float()  # reflect padding takes floats; the model takes 0..255 floats as uint8
         s = self.shift
         # A whole model pickled before center_weight existed has no such attribute: 1.
-        w = getattr(self, "center_weight", 1.0) if s else 1.0
-        total = None
+        center = getattr(self, "center_weight", 1.0)
+        total, weights = None, 0.0
         for dy in [0] + ([s, -s] if s else []):
             view = shift(x, dy, dy)
+            weight = center if dy == 0 and s else 1.0
             for v in [view, view.flip(-1)] if self.flip else [view]:
                 logits = self.model(v).float()
-                if dy == 0 and w != 1.0:
-                    logits = logits * w
+                if weight != 1.0:
+                    logits = logits * weight
                 total = logits if total is None else total + logits
-        if w != 1.0:
-            return total / ((2 if self.flip else 1) * (w + 2))
-        return total / views(self.flip, self.shift)
+                weights += weight
+        return total / weights
 
 
 def views(flip: bool, shift: int) -> int:

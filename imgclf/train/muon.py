@@ -21,25 +21,13 @@ import torch
 from torch import nn
 
 
-def _matrix_view(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D view of filter bank ``t`` (or of its gradient) sharing its storage: one row per
-    output channel, the columns in its memory order; a copy only for an unusual layout."""
-    if t.is_contiguous():
-        return t.detach().view(t.shape[0], -1)
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return t.detach().permute(0, 2, 3, 1).view(t.shape[0], -1)
-    raise ValueError(f"a filter bank of shape {tuple(t.shape)} is neither contiguous nor channels_last")
-
-
-def _grad_view(p: torch.Tensor) -> torch.Tensor:
-    """``p.grad`` laid out as ``_matrix_view(p)``: a view where it shares ``p``'s layout (autograd
-    keeps it so), else a copy in the same column order."""
-    g = p.grad
-    if p.is_contiguous() and g.is_contiguous():
-        return g.view(p.shape[0], -1)
-    if not p.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last):
-        return g.permute(0, 2, 3, 1).view(p.shape[0], -1)
-    return (g if p.is_contiguous() else g.permute(0, 2, 3, 1)).reshape(p.shape[0], -1)
+def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Filter bank ``t`` (``like`` itself, or its gradient) as a 2-D matrix, one row per output
+    channel, its columns in the memory order of ``like``: ``(in, kh, kw)``, or ``(kh, kw, in)`` for
+    channels_last. A view of ``t``'s storage where its layout allows (``like``'s always does;
+    autograd gives a gradient its parameter's layout), else a copy."""
+    ordered = t if like.is_contiguous() else t.permute(0, 2, 3, 1)
+    return ordered.detach().reshape(t.shape[0], -1)
 
 
 class MuonSGD(torch.optim.Optimizer):
@@ -51,21 +39,23 @@ class MuonSGD(torch.optim.Optimizer):
     def __init__(self, sgd_groups: list[dict[str, Any]], filters: list[nn.Parameter], *, lr: float, momentum: float,
                  nesterov: bool, muon_lr: float, muon_momentum: float, muon_ns_steps: int, muon_weight_decay: float):
         self.filters = list(filters)
-        self.views = [_matrix_view(p) for p in self.filters]
+        if not all(p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) for p in self.filters):
+            raise ValueError("Muon's filter banks must be contiguous or channels_last")
+        self.views = [_rows(p, p) for p in self.filters]
         self.sgd = torch.optim.SGD(sgd_groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
         self.muon = torch.optim.Muon(self.views, lr=muon_lr, momentum=muon_momentum, nesterov=nesterov,
                                      ns_steps=muon_ns_steps, weight_decay=muon_weight_decay)
         super().__init__([{"params": [p for g in self.sgd.param_groups for p in g["params"]] + self.filters}], {})
         self.param_groups = [*self.sgd.param_groups, *self.muon.param_groups]
         for p, view in zip(self.filters, self.views):
-            p.register_post_accumulate_grad_hook(lambda p, view=view: setattr(view, "grad", _grad_view(p)))
+            p.register_post_accumulate_grad_hook(lambda p, view=view: setattr(view, "grad", _rows(p.grad, p)))
 
     def _sync_grads(self) -> None:
         for p, view in zip(self.filters, self.views):
             if p.grad is None:
                 view.grad = None
             elif view.grad is None or view.grad.data_ptr() != p.grad.data_ptr():
-                view.grad = _grad_view(p)
+                view.grad = _rows(p.grad, p)
 
     @torch.no_grad()
     def step(self, closure=None):  # torch's signature

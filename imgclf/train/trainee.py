@@ -36,10 +36,15 @@ def make_optimizer(model: nn.Module, train_params: TrainParams,
     muon = train_params.optimizer == "muon"
     as_weight = {id(p) for p in whiten_bias or ()} if train_params.whiten_bias_lr == "weights" else set()
     decay, no_decay, filters, weight_like = [], [], [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (weight_like if id(p) in as_weight else no_decay if p.ndim <= 1 else
-             filters if muon and p.ndim == 4 else decay).append(p)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        if id(p) in as_weight:
+            weight_like.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        elif muon and p.ndim == 4:
+            filters.append(p)
+        else:
+            decay.append(p)
     # decay_biases: the same share per step as the weights (lr x weight_decay), at their rate.
     bias_decay = train_params.weight_decay / train_params.bias_lr_scale if train_params.decay_biases else 0.0
     groups = [{"params": decay, "weight_decay": train_params.weight_decay},
