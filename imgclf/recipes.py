@@ -23,7 +23,7 @@ from typing import Any
 from ruamel.yaml import YAML, YAMLError
 
 from .core.errors import PipelineError
-from .core.params import parse_params, read_yaml
+from .core.params import Params, parse_params, read_yaml
 
 # The project's recipes/ folder: beside this package in a checkout (where the Makefile runs).
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -86,22 +86,34 @@ def set_args(name: str, extra: list[str] = (), *, params: Path = Path("params.ya
              folder: Path = RECIPES_DIR) -> list[str]:
     """``["-S", "model.arch=whitened_net", ...]``: the recipe, then ``extra`` (``key=value``,
     which win), checked laid over ``params``."""
-    values = flatten(load(name, folder))
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise PipelineError(f"-S {item!r}: expected SECTION.KEY=VALUE")
-        values[key] = YAML(typ="safe").load(value)
+    values = _values(name, extra, folder)
+    resolve(name, extra, params=params, folder=folder)
+    return [arg for key, value in values.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
+
+
+def resolve(name: str, extra: list[str] = (), *, params: Path = Path("params.yaml"),
+            folder: Path = RECIPES_DIR) -> Params:
+    """The params a run of the recipe (then ``extra``) would train with: ``params`` with the
+    recipe's values laid over it, validated."""
     tree: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, value in _values(name, extra, folder).items():
         *sections, last = key.split(".")
         node = tree
         for section in sections:
             node = node.setdefault(section, {})
         node[last] = value
     base = read_yaml(params) if params.is_file() else {}
-    parse_params(_merge(base or {}, tree), f"{params} with recipe {folder / (name + '.yaml')}")
-    return [arg for key, value in values.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
+    return parse_params(_merge(base or {}, tree), f"{params} with recipe {folder / (name + '.yaml')}")
+
+
+def _values(name: str, extra: list[str], folder: Path) -> dict[str, Any]:
+    values = flatten(load(name, folder))
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PipelineError(f"-S {item!r}: expected SECTION.KEY=VALUE")
+        values[key] = YAML(typ="safe").load(value)
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,170 @@
+"""Our training step against the airbench94 port's, side by side: the time ratio at equal compute.
+
+    python tools/step_ratio.py --port ../shared/anchors/airbench94_cpu.py --cache data/processed \\
+        --precision fp32 --ours speed --ours nchw:train.channels_last=false --ours compiled:train.compile=true
+
+Both networks are the same (whitened_net width 64 is airbench94's), at batch 1024, so a step is
+the same compute (708 MFLOP per image x 1,024, forward and backward) and the ratio of their
+times is the ratio of their speeds. Each measurement runs in a fresh process, and the
+processes take turns: the port, then each of ours, ``--repeats`` times, so a machine that
+slows down for a while slows both. The ratio is the median over the repeats of our time
+divided by the port's time of the same repeat.
+
+- **Ours**: the speed recipe (``recipes/speed.yaml``) laid over ``params.yaml``, then the
+  ``-S``-style values of that ``--ours NAME:KEY=VALUE,...``, trained as ``train()`` trains it
+  (``set_up``, the epoch's augmented batches, ``TrainStep``): ``--warmup`` steps (a compiled
+  step compiles in them), then ``--steps`` steps timed.
+- **The port**, unchanged: its module is loaded and its ``main()`` run three times, for
+  ``--warmup``, ``--warmup`` and ``--warmup + --steps`` steps (its ``EPOCHS`` set to that
+  fraction of an epoch); its own clock (``total_time_seconds``) times each, and the step time
+  is the difference of the last two over ``--steps``. Its evaluation is replaced by a no-op
+  (it is not part of the step, and it would cost minutes). In fp32 its autocast is turned off,
+  as ``tools/run_fp32.py`` does.
+
+Neither side counts the once-per-epoch preparation of the augmented images (in both it runs
+before the first step of the epoch). ``--precision bf16`` needs bf16 kernels (AVX-512 BF16 or
+AMX): elsewhere oneDNN emulates them and both sides run many times slower than in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT_STEPS_PER_EPOCH = 48  # 50,000 // 1,024: the port's loader drops the last partial batch
+
+
+def measure_ours(cache: Path, precision: str, overrides: list[str], warmup: int, steps: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from imgclf import recipes
+    from imgclf.train.augment import Augmenter
+    from imgclf.train.loop import set_up
+    from imgclf.train.trainee import epoch_batches
+
+    params = recipes.resolve("speed", [f"train.precision={precision}", *overrides], params=ROOT / "params.yaml")
+    tp = params.train
+    run = set_up(params.model, tp, cache)
+    if warmup + steps > run.steps_per_epoch:
+        raise SystemExit(f"--warmup + --steps = {warmup + steps} is more than one epoch ({run.steps_per_epoch} steps)")
+    x_train, y_train = run.cache.train.images, run.cache.train.labels
+    augmenter = Augmenter(x_train, crop_padding=tp.augment.crop_padding, flip=tp.augment.flip, seed=tp.seed)
+    step = run.trainee.step
+    if tp.compile:
+        step.forward = torch.compile(run.trainee.model)
+    run.trainee.model.train()
+    batches = epoch_batches(augmenter, y_train, batch=run.batch, steps=warmup + steps,
+                            generator=torch.Generator().manual_seed(tp.seed), memory_format=run.trainee.memory_format)
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss, _ = step(x, y)
+    loss.item()
+    seconds = time.perf_counter() - t0
+    return {"seconds_per_step": seconds / steps, "threads": torch.get_num_threads(),
+            "precision": "fp32" if run.amp is None else str(run.amp).removeprefix("torch."),
+            "gflop_per_step": run.flops_per_image * run.batch / 1e9}
+
+
+def measure_port(port: Path, cache: Path, precision: str, warmup: int, steps: int) -> dict:
+    import contextlib
+
+    import torch
+
+    os.environ["CACHE"] = str(cache)
+    if precision == "fp32":
+        torch.autocast = lambda *a, **k: contextlib.nullcontext()
+    spec = importlib.util.spec_from_file_location("airbench_port", port)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines its functions; its __main__ block does not run
+    clock: list[float] = []
+    module.print_training_details = lambda variables, is_final_entry: (
+        None if is_final_entry else clock.append(variables["total_time_seconds"]))
+    module.evaluate = lambda *args, **kwargs: 0.0
+
+    def run_for(n: int) -> float:
+        module.hyp["opt"]["train_epochs"] = (n - 0.5) / PORT_STEPS_PER_EPOCH  # ceil(48 x epochs) = n steps
+        clock.clear()
+        module.main(0)
+        return clock[0]  # whitening + the epoch's preparation + n steps
+
+    run_for(warmup)
+    base = run_for(warmup)
+    total = run_for(warmup + steps)
+    return {"seconds_per_step": (total - base) / steps, "threads": torch.get_num_threads(), "precision": precision}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.child == "port":
+        result = measure_port(args.port, args.cache, args.precision, args.warmup, args.steps)
+    else:
+        name, _, values = args.child.partition(":")
+        result = measure_ours(args.cache, args.precision, [v for v in values.split(",") if v], args.warmup, args.steps)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(args: argparse.Namespace, which: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--port", str(args.port), "--cache", str(args.cache),
+           "--precision", args.precision, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{which}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--port", type=Path, default=ROOT.parent / "shared/anchors/airbench94_cpu.py")
+    ap.add_argument("--cache", type=Path, default=Path("data/processed"), help="folder with train.pt (the pipeline's cache)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--ours", action="append", metavar="NAME[:KEY=VALUE,...]",
+                    help="one of our variants: the speed recipe with these values (default: the recipe alone)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", type=Path, help="also write every measurement here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.cache = args.cache.resolve()
+    args.port = args.port.resolve()
+    if args.child:
+        return child(args)
+    variants = args.ours or ["speed"]
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.precision}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps at batch 1024; {args.repeats} repeats, taking turns", flush=True)
+    times: dict[str, list[float]] = {"port": [], **{v: [] for v in variants}}
+    for r in range(args.repeats):
+        for which in ["port", *variants]:
+            result = spawn(args, which)
+            times[which].append(result["seconds_per_step"])
+            print(f"repeat {r + 1}: {which.partition(':')[0]:<24} {result['seconds_per_step']:.3f} s/step ({result['precision']}, "
+                  f"{result['threads']} threads)", flush=True)
+    port = times["port"]
+    print(f"\n{'':<40} {'s/step (median)':>16} {'x the port':>11}")
+    print(f"{'airbench94 port':<40} {statistics.median(port):>16.3f} {1.0:>11.2f}")
+    summary = {}
+    for v in variants:
+        ratio = statistics.median([o / p for o, p in zip(times[v], port)])
+        summary[v] = {"values": v.partition(":")[2], "seconds_per_step": times[v], "ratio": ratio}
+        print(f"{v.partition(':')[0]:<40} {statistics.median(times[v]):>16.3f} {ratio:>11.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"precision": args.precision, "port": port, "ours": summary,
+                                         "warmup": args.warmup, "steps": args.steps}, indent=1) + "\n")
+    if not all(math.isfinite(t) for ts in times.values() for t in ts):
+        sys.exit("a measurement is not finite")
+
+
+if __name__ == "__main__":
+    main()
