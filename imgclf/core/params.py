@@ -124,6 +124,8 @@ class TrainParams(_Section):
     muon_ns_steps: int = Field(5, ge=1, le=20, description="muon: Newton-Schulz iterations per update")
     muon_weight_decay: float = Field(0.0, ge=0, le=1, description=(
         "muon: decoupled weight decay of the conv filters, per unit of learning rate"))
+    muon_normalize: bool = Field(False, description=(
+        "muon: rescale each filter bank to norm sqrt(out channels) before each step (airbench94_muon)"))
     # The speed records train batch norm's biases 64x faster than the weights while its
     # scales stay frozen.
     bias_lr_scale: float = Field(1.0, gt=0, le=1000,
@@ -153,6 +155,9 @@ class TrainParams(_Section):
         "auto", description="auto (bf16 where the hardware has it) | fp32 | bf16 | fp16")
     channels_last: bool = Field(True, description="NHWC memory format for the convolutions")
     compile: bool = Field(False, description="torch.compile the model (pays off on a GPU, for long runs)")
+    keep_memory: bool = Field(False, description=(
+        "CPU, glibc: keep freed memory for reuse, so a step does not fault in fresh pages for its activations "
+        "(docs/speed.md); the process keeps its peak memory"))
     threads: int = Field(0, ge=0, le=1024, description="CPU threads; 0 = all cores available (shared among a node's processes)")
     processes: int = Field(1, ge=1, le=1024, description="training processes per node, one per GPU; >1: torchrun + DDP")
     nodes: int = Field(1, ge=1, le=1024,

@@ -31,7 +31,7 @@ from ..core.params import ModelParams, TrainParams
 from ..core.paths import TrainPaths
 from ..models import registry
 from ..models.bundle import make_bundle
-from ..models.runtime import configure_threads, predict_logits, resolve_device, resolve_precision, synchronize
+from ..models.runtime import configure_threads, keep_freed_memory, predict_logits, resolve_device, resolve_precision, synchronize
 from ..models.shapes import check_fits, train_flops_per_image
 from . import checkpoint
 from .augment import Augmenter
@@ -132,6 +132,8 @@ def set_up(model_params: ModelParams, train_params: TrainParams, cache_dir: Path
     dist = Distributed.from_env(resolve_device(train_params.device), timeout=train_params.dist_timeout)
     device = dist.device
     threads = configure_threads(train_params.threads or dist.cpu_threads_per_process())
+    if train_params.keep_memory and not keep_freed_memory():
+        log.warning("train.keep_memory: not a glibc C library here; memory is handled as usual")
     amp = resolve_precision(train_params.precision, device)
     cache, fingerprint = _load_data(dist, model_params, train_params, cache_dir)
     val = None
