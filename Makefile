@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run demo test bench fast speedrun search show clean
+.PHONY: install run demo test bench fast speedrun muonrun search show clean
 
 install: $(VENV)/.installed
 
@@ -56,7 +56,7 @@ $(SAMPLE)/PROVENANCE:
 test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
-# The fast and speed recipes (recipes/fast.yaml, recipes/speed.yaml; docs/recipes.md), each one
+# The fast, speed and Muon recipes (recipes/fast.yaml, speed.yaml, muon.yaml; docs/recipes.md), each one
 # experiment in a temporary copy (--temp): params.yaml stays as it is, and `dvc exp apply <name>`
 # brings a run's outputs and params into the workspace. VAL=0.1 holds out 10% of the training
 # images and reports on them (choosing); the default VAL=0 trains on all of them and evaluate
@@ -67,6 +67,9 @@ fast: install
 
 speedrun: install
 	args=$$($(RECIPE) speed -S train.val_fraction=$(VAL)) && dvc exp run --temp $$args $(R)
+
+muonrun: install
+	args=$$($(RECIPE) muon -S train.val_fraction=$(VAL)) && dvc exp run --temp $$args $(R)
 
 # The experiments as a table for a terminal (dvc exp show has a column per metric, param and
 # dependency: over 130): test and val accuracy, training compute and seconds first, then the

@@ -154,6 +154,23 @@ def test_muon_steps_alike_in_both_memory_formats():
     torch.testing.assert_close(after[1], after[0], rtol=1e-5, atol=1e-6)
 
 
+def test_muon_normalize_holds_each_filter_bank_at_norm_sqrt_out():
+    # airbench94_muon's weight normalisation: before each Muon step every bank is rescaled to
+    # norm sqrt(out channels); without it the banks keep the norm their init and steps give them.
+    for normalize in (False, True):
+        model = whitened()
+        opt = make_optimizer(model, TrainParams(optimizer="muon", muon_lr=1e-6, muon_normalize=normalize))
+        filters = [p for p in model.parameters() if p.ndim == 4 and p.requires_grad]
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        norms = torch.tensor([p.norm().item() for p in filters])
+        target = torch.tensor([p.shape[0] ** 0.5 for p in filters])
+        assert torch.allclose(norms, target, rtol=1e-4) == normalize, (normalize, norms, target)
+
+
 def test_alternating_flips_show_every_image_both_ways_every_two_epochs():
     images = torch.randint(0, 256, (400, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     aug = Augmenter(images, crop_padding=0, flip="alternate", seed=3)

@@ -31,7 +31,16 @@ def test_each_recipe_is_valid_params_laid_over_params_yaml(name):
 
 
 def test_the_recipes_are_the_ones_documented():
-    assert recipes.names() == ["airbench94", "demo", "fast", "speed"]
+    assert recipes.names() == ["airbench94", "demo", "fast", "muon", "speed"]
+    documented = (ROOT / "docs" / "recipes.md").read_text()
+    assert all(f"recipes/{name}.yaml" in documented for name in recipes.names())
+
+
+def test_muon_is_airbench94_in_8_epochs_with_airbench94_muons_settings():
+    airbench, muon = recipes.flatten(recipes.load("airbench94")), recipes.flatten(recipes.load("muon"))
+    assert {k: v for k, v in muon.items() if muon[k] != airbench.get(k)} == {
+        "train.epochs": 8, "train.optimizer": "muon", "train.muon_lr": 0.24, "train.muon_momentum": 0.6,
+        "train.muon_normalize": True}
 
 
 def test_airbench94_is_the_speed_recipe_and_airbench94s_details():
@@ -56,12 +65,13 @@ def test_a_recipe_on_a_base_holds_what_differs_and_a_loop_is_refused(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".venv/bin/python").exists(),
                     reason="needs make and the project's .venv (make install)")
 @pytest.mark.parametrize("target,name,extra", [("speedrun", "speed", ["-S", "train.val_fraction=0.1"]),
+                                               ("muonrun", "muon", ["-S", "train.val_fraction=0.1"]),
                                                ("fast", "fast", ["-S", "train.val_fraction=0"]),
                                                ("demo", "demo", [])])
 def test_make_passes_the_recipe_to_dvc_as_written(target, name, extra):
     """`make -n` prints the command; run through the shell as make runs it, it hands dvc the
     recipe's arguments, the VAL value last, in a temporary copy (the workspace untouched)."""
-    vals = ["VAL=0.1"] if target == "speedrun" else []
+    vals = ["VAL=0.1"] if target in ("speedrun", "muonrun") else []
     printed = subprocess.run(["make", "-s", "-n", "-C", str(ROOT), target, *vals], capture_output=True, text=True,
                              check=True).stdout
     line = next(line for line in printed.splitlines() if "dvc exp run" in line)

@@ -11,6 +11,12 @@ order; the orthogonalised update does not depend on the order of the columns (it
 As in airbench94_muon, the head, the biases and the norm parameters keep Nesterov SGD with
 ``train.lr``, ``train.momentum`` and ``train.weight_decay``; the filters take ``train.muon_lr``
 and ``train.muon_momentum``. Both follow ``train.schedule`` (one LambdaLR scales every group).
+
+``train.muon_normalize`` rescales each filter bank to the norm ``sqrt(out channels)`` before
+each Muon step, as airbench94_muon does. A batch norm follows every filter bank of
+``whitened_net``, so the scale of the filters does not change what the network computes, only
+how far a step of a given length moves it; with the scale held, ``muon_lr`` is a fixed share
+of the filters' size.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ class MuonSGD(torch.optim.Optimizer):
     filters' (set as each is accumulated), so a GradScaler unscales them in place."""
 
     def __init__(self, sgd_groups: list[dict[str, Any]], filters: list[nn.Parameter], *, lr: float, momentum: float,
-                 nesterov: bool, muon_lr: float, muon_momentum: float, muon_ns_steps: int, muon_weight_decay: float):
+                 nesterov: bool, muon_lr: float, muon_momentum: float, muon_ns_steps: int, muon_weight_decay: float,
+                 muon_normalize: bool = False):
         self.filters = list(filters)
+        self.normalize = muon_normalize
         if not all(p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) for p in self.filters):
             raise ValueError("Muon's filter banks must be contiguous or channels_last")
         self.views = [_rows(p, p) for p in self.filters]
@@ -65,6 +73,9 @@ class MuonSGD(torch.optim.Optimizer):
                 loss = closure()
         self._sync_grads()  # gradients set by hand rather than by backward()
         self.sgd.step()
+        if self.normalize:  # each bank back to norm sqrt(out): unit rows on average, as airbench94_muon
+            for p in self.filters:
+                p.mul_(p.shape[0] ** 0.5 / p.norm())
         self.muon.step()
         return loss
 
