@@ -55,7 +55,7 @@ def test_a_dry_run_on_the_cpu_runs_records_and_summarises_each_step(tmp_path):
     out = tmp_path / "out"
     env = run_env() | {
         "PYTHON": sys.executable, "DATA": str(archive), "DATA_MD5": "", "DEVICE": "cpu", "QUICK": "1",
-        "STEPS": "speed anchors", "EXTRA_ARGS": "-S export.onnx=false -S export.pt2=false -S model.width=16",
+        "STEPS": "speed anchors", "RECIPES": "speed muon", "EXTRA_ARGS": "-S export.onnx=false -S export.pt2=false -S model.width=16",
         "ANCHORS": str(tmp_path / "no-anchors"), "TMPDIR": str(tmp_path),
     }
     proc = subprocess.run(["bash", str(tree / "tools" / "gpu_check.sh"), str(out)], env=env, capture_output=True,
@@ -64,13 +64,15 @@ def test_a_dry_run_on_the_cpu_runs_records_and_summarises_each_step(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.json", "summary.md"]
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["step"], s["status"]) for s in summary["steps"]] == [
-        ("setup", "ok"), ("speed-seed0", "ok"), ("anchor-cache", "ok"),
+        ("setup", "ok"), ("speed-seed0", "ok"), ("muon-seed0", "ok"), ("anchor-cache", "ok"),
         ("airbench94", "skipped"), ("airbench94_muon", "skipped")]
     seed = summary["results"]["speed-seed0"]
     assert 0 <= seed["test_acc"] <= 1 and seed["train_seconds"] > 0 and seed["epochs"] == 1
     assert seed["train_images"] == 100  # the recipe's val_fraction=0: all of them
     assert list(seed["stage_seconds"]) == ["params", "download", "preprocess", "train", "export", "evaluate"]
-    assert summary["speed_recipe"]["seeds_ok"] == 1 and summary["env"]["device"] == "cpu"
+    assert summary["recipes"]["speed"]["seeds_ok"] == 1 and summary["env"]["device"] == "cpu"
+    muon = summary["results"]["muon-seed0"]  # recipes/muon.yaml, run as the GPU issue runs it
+    assert 0 <= muon["test_acc"] <= 1 and muon["epochs"] == 1 and summary["recipes"]["muon"]["seeds_ok"] == 1
     table = (out / "summary.md").read_text()
     assert "| speed-seed0 | ok |" in table and "the peers run on CUDA only" in table
     with tarfile.open(out / "logs.tar.gz") as tar:
@@ -100,9 +102,10 @@ def test_the_summary_gives_each_step_and_the_ratios_to_the_peers(tmp_path, monke
     gc = gpu_check()
     logs = tmp_path / "logs"
     logs.mkdir()
-    rows = [("speed-seed0", "ok"), ("speed-seed1", "ok"), ("speed-seed2", "timeout"), ("airbench94", "ok")]
+    rows = [("speed-seed0", "ok"), ("speed-seed1", "ok"), ("speed-seed2", "timeout"), ("muon-seed0", "ok"),
+            ("airbench94", "ok")]
     (logs / "steps.tsv").write_text("".join(f"{n}\t{s}\t0\t20.5\t90\t\n" for n, s in rows))
-    for name, acc, secs in (("speed-seed0", 0.94, 4.0), ("speed-seed1", 0.96, 6.0)):
+    for name, acc, secs in (("speed-seed0", 0.94, 4.0), ("speed-seed1", 0.96, 6.0), ("muon-seed0", 0.945, 4.0)):
         (logs / name).mkdir()
         (logs / name / "eval.json").write_text(json.dumps({"test_acc": acc}))
         (logs / name / "train.json").write_text(json.dumps({"train_seconds": secs, "epochs": 10}))
@@ -115,11 +118,14 @@ def test_the_summary_gives_each_step_and_the_ratios_to_the_peers(tmp_path, monke
     monkeypatch.setenv("GPU_CHECK_BUDGET", "540")
     gc.main(["summary", str(logs), str(tmp_path / "out")])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["speed_recipe"]["acc"] == {"mean": pytest.approx(0.95), "std": pytest.approx(0.01414, rel=1e-3), "n": 2}
-    assert summary["speed_recipe"]["seeds_ok"] == 2 and summary["speed_recipe"]["seeds_run"] == 3
+    speed, muon = summary["recipes"]["speed"], summary["recipes"]["muon"]
+    assert speed["acc"] == {"mean": pytest.approx(0.95), "std": pytest.approx(0.01414, rel=1e-3), "n": 2}
+    assert speed["seeds_ok"] == 2 and speed["seeds_run"] == 3
+    assert muon["acc"] == {"mean": pytest.approx(0.945), "std": None, "n": 1} and muon["seeds_run"] == 1
     assert summary["results"]["speed-seed0"]["stage_seconds"] == {"train": 6.5, "export": 1.5}
     assert summary["results"]["speed-seed0"]["first_epoch_seconds"] == 1.5
-    assert summary["ratios"]["airbench94"] == {"accuracy_points": 1.0, "time_ratio": 1.0}
+    assert summary["ratios"]["speed vs airbench94"] == {"accuracy_points": 1.0, "time_ratio": 1.0}
+    assert summary["ratios"]["muon vs airbench94"] == {"accuracy_points": 0.5, "time_ratio": 0.8}
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| airbench94 | ok | 20.5 | 94.00% ± 0.00% (n=2) | 5.00 ± 1.41 (n=2) |" in table
     assert "| speed-seed2 | timeout |" in table and "300 s of a 540 s budget" in table

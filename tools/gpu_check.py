@@ -187,7 +187,7 @@ def summarise(logdir: Path) -> dict[str, Any]:
     results = out["results"]
     for s in steps:
         name = s["step"]
-        if name == "pipeline" or name.startswith("speed-seed"):
+        if name == "pipeline" or _recipe_of(name):
             if s["status"] == "ok":
                 results[name] = dvc_run(logdir, name)
             else:
@@ -204,22 +204,30 @@ def summarise(logdir: Path) -> dict[str, Any]:
                                               if re.search(r"\b(passed|failed|skipped|error|no tests ran)\b", x)), None)}
         elif name == "anchor-cache":
             results[name] = {"message": (_log_lines(logdir / "anchor-cache.log") or [None])[-1]}
-    seeds = [results[s["step"]] for s in steps if s["step"].startswith("speed-seed") and s["status"] == "ok"]
-    speed = out["speed_recipe"] = {
-        "acc": spread([r.get("test_acc") for r in seeds]),
-        "train_seconds": spread([r.get("train_seconds") for r in seeds]),
-        "seeds_ok": len(seeds),
-        "seeds_run": sum(1 for s in steps if s["step"].startswith("speed-seed")),
-    }
-    out["ratios"] = {}
-    for peer in ("airbench94", "airbench94_muon"):
-        p = results.get(peer) or {}
-        if speed["acc"] and speed["train_seconds"] and p.get("acc") and p.get("seconds"):
-            out["ratios"][peer] = {
-                "accuracy_points": round(100 * (speed["acc"]["mean"] - p["acc"]["mean"]), 2),
-                "time_ratio": round(speed["train_seconds"]["mean"] / p["seconds"]["mean"], 3),
-            }
+    out["recipes"], out["ratios"] = {}, {}
+    for recipe in dict.fromkeys(r for r in map(_recipe_of, (s["step"] for s in steps)) if r):
+        mine = [s for s in steps if _recipe_of(s["step"]) == recipe]
+        seeds = [results[s["step"]] for s in mine if s["status"] == "ok"]
+        summary = out["recipes"][recipe] = {
+            "acc": spread([r.get("test_acc") for r in seeds]),
+            "train_seconds": spread([r.get("train_seconds") for r in seeds]),
+            "seeds_ok": len(seeds),
+            "seeds_run": len(mine),
+        }
+        for peer in ("airbench94", "airbench94_muon"):
+            p = results.get(peer) or {}
+            if summary["acc"] and summary["train_seconds"] and p.get("acc") and p.get("seconds"):
+                out["ratios"][f"{recipe} vs {peer}"] = {
+                    "accuracy_points": round(100 * (summary["acc"]["mean"] - p["acc"]["mean"]), 2),
+                    "time_ratio": round(summary["train_seconds"]["mean"] / p["seconds"]["mean"], 3),
+                }
     return out
+
+
+def _recipe_of(step: str) -> str | None:
+    """``speed-seed3`` -> ``speed``: the recipe a seed step ran; None for other steps."""
+    found = re.fullmatch(r"(\w+)-seed\d+", step)
+    return found.group(1) if found else None
 
 
 def _pm(s: dict[str, Any] | None, fmt: str, scale: float = 1.0) -> str:
@@ -240,7 +248,7 @@ def markdown(summary: dict[str, Any]) -> str:
         name, r = s["step"], results.get(s["step"]) or {}
         acc = train = ""
         notes = [s["note"]] if s["note"] else []
-        if name == "pipeline" or name.startswith("speed-seed"):
+        if name == "pipeline" or _recipe_of(name):
             if r.get("test_acc") is not None:
                 acc = f"{100 * r['test_acc']:.2f}%"
             if r.get("train_seconds") is not None:
@@ -261,7 +269,6 @@ def markdown(summary: dict[str, Any]) -> str:
         elif name == "anchor-cache" and r.get("message"):
             notes.append(r["message"])
         rows.append(f"| {name} | {s['status']} | {s['wall_s']:.1f} | {acc} | {train} | {'; '.join(notes)} |")
-    speed = summary["speed_recipe"]
     lines = [
         "# GPU check",
         "",
@@ -271,13 +278,16 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         *rows,
         "",
-        f"**Speed recipe, {speed['seeds_ok']} of {speed['seeds_run']} seeds:** test accuracy "
-        f"{_pm(speed['acc'], '{:.2f}%', 100) or 'n/a'}, training {_pm(speed['train_seconds'], '{:.2f}') or 'n/a'} s "
-        "(train.json's train_seconds: the epochs, synchronised; not the model build, the data upload, the whitening "
-        "fit or the test-time-augmented evaluation; epoch 1 includes CUDA's warm-up).",
     ]
-    for peer, ratio in summary["ratios"].items():
-        lines.append(f"- vs {peer}: accuracy {ratio['accuracy_points']:+.2f} points, time x{ratio['time_ratio']:.3f} "
+    for recipe, r in summary["recipes"].items():
+        lines.append(
+            f"**Recipe {recipe}, {r['seeds_ok']} of {r['seeds_run']} seeds:** test accuracy "
+            f"{_pm(r['acc'], '{:.2f}%', 100) or 'n/a'}, training {_pm(r['train_seconds'], '{:.2f}') or 'n/a'} s")
+    if summary["recipes"]:
+        lines.append("(train.json's train_seconds: the epochs, synchronised; not the model build, the data upload, the "
+                     "whitening fit or the test-time-augmented evaluation; epoch 1 includes CUDA's warm-up).")
+    for pair, ratio in summary["ratios"].items():
+        lines.append(f"- {pair}: accuracy {ratio['accuracy_points']:+.2f} points, time x{ratio['time_ratio']:.3f} "
                      "(ours / the peer's)")
     return "\n".join(lines) + "\n"
 

@@ -8,8 +8,9 @@
 #   setup            dvc from WHEELS if it is not importable, a `python` first on PATH, a git
 #                    identity, the copy (a git repo with one commit, DVC as the project has it)
 #   pipeline         the default pipeline, whole: `dvc exp run` on the image-folder archive DATA
-#   speed-seed<N>    the speed recipe (recipes/speed.yaml, val_fraction 0) for seeds 0..SEEDS-1;
-#                    seeds after the first skip the ONNX/.pt2 serving files (not training time)
+#   <recipe>-seed<N> each recipe of RECIPES (recipes/<recipe>.yaml, val_fraction 0) for seeds
+#                    0..SEEDS-1; seeds after the first skip the ONNX/.pt2 serving files (not
+#                    training time)
 #   anchor-cache     checks that data/processed has the layout the peers read (else writes one;
 #                    without data/processed, preprocesses DATA itself, so the peers still run)
 #   airbench94, airbench94_muon
@@ -33,7 +34,8 @@
 #   SITE=/tmp/site   where those wheels go; put first on PYTHONPATH
 #   ANCHORS=<dir>    folder holding airbench94_gpu.py and airbench94_muon_gpu.py, default
 #                    ../shared/anchors beside the project; missing: those steps are skipped
-#   SEEDS=5          speed-recipe seeds          RUNS=5     runs of each peer
+#   RECIPES="speed muon"   the recipes run over seeds (the step is still called speed)
+#   SEEDS=5          seeds of each recipe        RUNS=5     runs of each peer
 #   QUICK=1          a smoke test: 1 epoch per pipeline run, 1 seed and 1 peer run (unless
 #                    SEEDS or RUNS are given)
 #   DEVICE=cuda      cuda | cpu: cpu is a dry run of the plumbing (train.device=cpu, peers skipped)
@@ -68,6 +70,7 @@ SEEDS=${SEEDS:-$few}
 RUNS=${RUNS:-$few}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-pipeline speed anchors tests bench}
+RECIPES=${RECIPES:-speed muon}
 BUDGET=${BUDGET:-540}
 PYTHON=${PYTHON:-python3}
 read -ra EXTRA <<< "${EXTRA_ARGS:-}"
@@ -244,14 +247,16 @@ if want pipeline; then
 fi
 
 if want speed; then
-    mapfile -t SPEED < <(cd "$REPO" && "$PY" -m imgclf.recipes speed -S train.val_fraction=0 --lines)
-    for (( seed = 0; seed < SEEDS; seed++ )); do
-        if (( seed == 0 )); then
-            dvc_step speed-seed0 "${LIMIT[speed-first]}" "${SPEED[@]}" -S train.seed=0
-        else
-            dvc_step "speed-seed$seed" "${LIMIT[speed]}" "${SPEED[@]}" -S "train.seed=$seed" \
-                -S export.onnx=false -S export.pt2=false
-        fi
+    for recipe in $RECIPES; do
+        mapfile -t ARGS < <(cd "$REPO" && "$PY" -m imgclf.recipes "$recipe" -S train.val_fraction=0 --lines)
+        for (( seed = 0; seed < SEEDS; seed++ )); do
+            if (( seed == 0 )); then
+                dvc_step "$recipe-seed0" "${LIMIT[speed-first]}" "${ARGS[@]}" -S train.seed=0
+            else
+                dvc_step "$recipe-seed$seed" "${LIMIT[speed]}" "${ARGS[@]}" -S "train.seed=$seed" \
+                    -S export.onnx=false -S export.pt2=false
+            fi
+        done
     done
 fi
 
