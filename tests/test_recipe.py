@@ -325,3 +325,29 @@ def test_run_fp32_runs_a_peer_script_with_autocast_off(tmp_path):
     assert plain.split() == ["__main__", "['a']", "torch.bfloat16"]
     fp32 = subprocess.run([sys.executable, str(tool), str(script), "a"], capture_output=True, text=True, check=True).stdout
     assert fp32.split() == ["__main__", "['a']", "torch.float32"]
+
+
+PORT = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "airbench94_cpu.py"
+
+
+@pytest.mark.skipif(not PORT.is_file(), reason="needs ../shared/anchors/airbench94_cpu.py")
+def test_step_ratio_times_our_step_and_the_ports_in_turn(cache_dir, tmp_path):
+    """tools/step_ratio.py at a tiny batch: each side measured in its own process, the port
+    unchanged, a ratio per variant of ours (docs/speed.md has the measurements at batch 1024)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "tools/step_ratio.py", "--port", str(PORT), "--cache", str(cache_dir),
+                          "--precision", "fp32", "--batch", "32", "--warmup", "1", "--steps", "2", "--repeats", "1",
+                          "--ours", "speed", "--ours", "nchw:train.channels_last=false", "--json", str(tmp_path / "r.json")],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["batch"] == 32 and len(result["port"]) == 1 and result["port"][0] > 0
+    assert result["ours"]["nchw"]["values"] == "train.channels_last=false"
+    for name in ("speed", "nchw"):
+        (ours,) = result["ours"][name]["seconds_per_step"]
+        assert ours > 0 and result["ours"][name]["ratio"] == pytest.approx(ours / result["port"][0])
+        assert re.search(rf"^{name} +{ours:.3f} +{ours / result['port'][0]:.2f}$", out.stdout, re.M), out.stdout

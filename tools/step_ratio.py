@@ -41,10 +41,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PORT_STEPS_PER_EPOCH = 48  # 50,000 // 1,024: the port's loader drops the last partial batch
 
 
-def measure_ours(cache: Path, precision: str, overrides: list[str], warmup: int, steps: int) -> dict:
+def measure_ours(cache: Path, precision: str, batch: int, overrides: list[str], warmup: int, steps: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -53,7 +52,8 @@ def measure_ours(cache: Path, precision: str, overrides: list[str], warmup: int,
     from imgclf.train.loop import set_up
     from imgclf.train.trainee import epoch_batches
 
-    params = recipes.resolve("speed", [f"train.precision={precision}", *overrides], params=ROOT / "params.yaml")
+    params = recipes.resolve("speed", [f"train.precision={precision}", f"train.batch_size={batch}", *overrides],
+                             params=ROOT / "params.yaml")
     tp = params.train
     run = set_up(params.model, tp, cache)
     if warmup + steps > run.steps_per_epoch:
@@ -77,7 +77,7 @@ def measure_ours(cache: Path, precision: str, overrides: list[str], warmup: int,
             "gflop_per_step": run.flops_per_image * run.batch / 1e9}
 
 
-def measure_port(port: Path, cache: Path, precision: str, warmup: int, steps: int) -> dict:
+def measure_port(port: Path, cache: Path, precision: str, batch: int, warmup: int, steps: int) -> dict:
     import contextlib
 
     import torch
@@ -92,9 +92,11 @@ def measure_port(port: Path, cache: Path, precision: str, warmup: int, steps: in
     module.print_training_details = lambda variables, is_final_entry: (
         None if is_final_entry else clock.append(variables["total_time_seconds"]))
     module.evaluate = lambda *args, **kwargs: 0.0
+    module.hyp["opt"]["batch_size"] = batch
+    per_epoch = len(torch.load(cache / "train.pt", weights_only=True, mmap=True)["labels"]) // batch  # drop_last
 
     def run_for(n: int) -> float:
-        module.hyp["opt"]["train_epochs"] = (n - 0.5) / PORT_STEPS_PER_EPOCH  # ceil(48 x epochs) = n steps
+        module.hyp["opt"]["train_epochs"] = (n - 0.5) / per_epoch  # ceil(per_epoch x epochs) = n steps
         clock.clear()
         module.main(0)
         return clock[0]  # whitening + the epoch's preparation + n steps
@@ -107,16 +109,18 @@ def measure_port(port: Path, cache: Path, precision: str, warmup: int, steps: in
 
 def child(args: argparse.Namespace) -> None:
     if args.child == "port":
-        result = measure_port(args.port, args.cache, args.precision, args.warmup, args.steps)
+        result = measure_port(args.port, args.cache, args.precision, args.batch, args.warmup, args.steps)
     else:
         name, _, values = args.child.partition(":")
-        result = measure_ours(args.cache, args.precision, [v for v in values.split(",") if v], args.warmup, args.steps)
+        result = measure_ours(args.cache, args.precision, args.batch, [v for v in values.split(",") if v], args.warmup,
+                              args.steps)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(args: argparse.Namespace, which: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--port", str(args.port), "--cache", str(args.cache),
-           "--precision", args.precision, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--precision", args.precision, "--batch", str(args.batch), "--warmup", str(args.warmup),
+           "--steps", str(args.steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -131,6 +135,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--ours", action="append", metavar="NAME[:KEY=VALUE,...]",
                     help="one of our variants: the speed recipe with these values (default: the recipe alone)")
+    ap.add_argument("--batch", type=int, default=1024, help="both sides' batch (airbench94's is 1024)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
@@ -143,7 +148,7 @@ def main() -> None:
         return child(args)
     variants = args.ours or ["speed"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.precision}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps at batch 1024; {args.repeats} repeats, taking turns", flush=True)
+          f"{args.warmup} warm-up + {args.steps} timed steps at batch {args.batch}; {args.repeats} repeats, taking turns", flush=True)
     times: dict[str, list[float]] = {"port": [], **{v: [] for v in variants}}
     for r in range(args.repeats):
         for which in ["port", *variants]:
@@ -157,10 +162,10 @@ def main() -> None:
     summary = {}
     for v in variants:
         ratio = statistics.median([o / p for o, p in zip(times[v], port)])
-        summary[v] = {"values": v.partition(":")[2], "seconds_per_step": times[v], "ratio": ratio}
+        summary[v.partition(":")[0]] = {"values": v.partition(":")[2], "seconds_per_step": times[v], "ratio": ratio}
         print(f"{v.partition(':')[0]:<40} {statistics.median(times[v]):>16.3f} {ratio:>11.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"precision": args.precision, "port": port, "ours": summary,
+        args.json.write_text(json.dumps({"precision": args.precision, "batch": args.batch, "port": port, "ours": summary,
                                          "warmup": args.warmup, "steps": args.steps}, indent=1) + "\n")
     if not all(math.isfinite(t) for ts in times.values() for t in ts):
         sys.exit("a measurement is not finite")
