@@ -69,7 +69,8 @@ def keep_freed_memory() -> bool:
     ``mmap`` and unmaps it when freed, so every training step faults in its activations and
     gradients page by page, again: on a 2-core CPU, a sixth of whitened_net's step at batch
     1024 (docs/speed.md). With mmap off and no trimming, freed blocks stay in the heap and the
-    next step reuses them. The process keeps its peak memory until it exits."""
+    next step reuses them, once the heap has settled (a few steps, within about one step's
+    memory of the peak). The process keeps its peak memory until it exits."""
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
