@@ -351,3 +351,31 @@ def test_step_ratio_times_our_step_and_the_ports_in_turn(cache_dir, tmp_path):
         (ours,) = result["ours"][name]["seconds_per_step"]
         assert ours > 0 and result["ours"][name]["ratio"] == pytest.approx(ours / result["port"][0])
         assert re.search(rf"^{name} +{ours:.3f} +{ours / result['port'][0]:.2f}$", out.stdout, re.M), out.stdout
+
+
+@pytest.mark.parametrize("side", ["port", "speed"])
+def test_step_ratio_profile_says_where_a_step_goes(cache_dir, side):
+    """tools/step_ratio.py --profile: one side's timed steps, op by op, and the rate of its
+    convolutions over the FLOPs the pipeline counts for the step (docs/speed.md)."""
+    import subprocess
+    import sys
+
+    from imgclf.models.shapes import train_flops_per_image
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "tools/step_ratio.py", "--port", str(PORT), "--cache", str(cache_dir),
+                          "--precision", "fp32", "--batch", "32", "--warmup", "1", "--steps", "2", "--profile", side],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    head = re.search(rf"^{side}, fp32, batch 32: ([0-9.]+) s/step \(profiled, 2 steps\); self CPU time per step ([0-9.]+) s$",
+                     out.stdout, re.M)
+    assert head, out.stdout
+    # Every op's self time, summed, is the step: the profile covers exactly the timed steps.
+    assert float(head[2]) == pytest.approx(float(head[1]), rel=0.25)
+    shares = [float(s) for s in re.findall(r"^aten::\S+ +[0-9.]+ +([0-9.]+)%$", out.stdout, re.M)]
+    assert "aten::convolution_backward" in out.stdout and 0 < sum(shares) <= 100.05, out.stdout
+    conv = re.search(r"^convolutions: (\d+)% of the step; forward ([0-9.]+) GFLOP in [0-9.]+ s = (\d+) GFLOP/s, "
+                     r"backward ([0-9.]+) GFLOP", out.stdout, re.M)
+    assert conv and 0 < int(conv[1]) <= 100 and int(conv[3]) > 0, out.stdout
+    flops = train_flops_per_image(ModelParams(arch="whitened_net", width=64), num_classes=10, image_size=32) * 32 / 1e9
+    assert float(conv[2]) + float(conv[4]) == pytest.approx(flops, rel=0.02)
